@@ -1,0 +1,117 @@
+"""Config errors and the registry that maps a YAML file of a config group to its code.
+
+Every group option is a YAML file `conf/<group>/<name>.yaml` holding `name: <name>` plus the fields of a
+dataclass registered under that name. Validation merges the YAML node into the dataclass schema (OmegaConf
+checks types and unknown keys) and then runs the dataclass's `__post_init__` (ranges). Any problem is a
+`ConfigError`, which the entry point prints as one line before exiting non-zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad user input, reported as one line naming the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any = None, allowed: str = "", message: str | None = None):
+        self.key, self.value, self.allowed, self.message = key, value, allowed, message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.message is not None:
+            return self.message
+        return f"invalid config: {self.key}={self.value!r} (allowed: {self.allowed})"
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with its key prefixed by the config group, e.g. `rho` -> `optimizer.rho`."""
+        if self.message is not None:
+            return self
+        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError(key, value, allowed) unless `ok`; used in dataclass `__post_init__` range checks."""
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered option of a config group: the YAML `name`, its schema, its builder and what it can do."""
+
+    name: str
+    build: Callable
+    schema: type
+    description: str = ""
+    capabilities: dict = field(default_factory=dict)
+
+
+class Registry:
+    """Name -> Entry for one concern (models, optimizers, losses, ...), keyed like `conf/<group>/<name>.yaml`."""
+
+    def __init__(self, group: str):
+        self.group = group
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, schema: type, description: str = "", **capabilities) -> Callable:
+        def decorator(build: Callable) -> Callable:
+            if name in self._entries:
+                raise KeyError(f"{self.group} '{name}' registered twice")
+            self._entries[name] = Entry(name, build, schema, description or (build.__doc__ or "").strip().split("\n")[0], capabilities)
+            return build
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise ConfigError(f"{self.group}.name", name, ", ".join(self.names()))
+        return self._entries[name]
+
+    def validate(self, node: DictConfig | dict) -> tuple[Entry, Any]:
+        """Check one group's node against its schema: returns (entry, dataclass instance of the params)."""
+        node = OmegaConf.create(node) if isinstance(node, dict) else node
+        if "name" not in node:
+            raise ConfigError(f"{self.group}.name", None, ", ".join(self.names()))
+        entry = self.get(node.name)
+        params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
+        return entry, structured(entry.schema, params, prefix=self.group)
+
+
+def structured(schema: type, params: dict, prefix: str) -> Any:
+    """Merge plain `params` into dataclass `schema`; type errors, unknown keys and range checks -> ConfigError."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in params.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}", value, "one of " + ", ".join(fields) if fields else "no parameters")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), params)
+        return OmegaConf.to_object(merged)
+    except ConfigError as e:
+        raise e.under(prefix) from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        value = params.get(str(key).split(".")[0], "?")
+        ftype = fields[str(key).split(".")[0]].type if str(key).split(".")[0] in fields else "?"
+        raise ConfigError(f"{prefix}.{key}", value, f"a value of type {type_name(ftype)}") from None
+
+
+def type_name(annotation) -> str:
+    """`Optional[bool]` -> 'bool or null', `List[float]` -> 'list of float'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, typing.List):
+        return f"list of {type_name(args[0])}" if args else "list"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,53 @@
+"""Where a run's numbers go: the run directory (always) and a dashboard logger chosen by `conf/logger/`."""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from runner.config import Registry, check
+
+LOGGERS = Registry("logger")
+
+
+class Logger:
+    """A dashboard sink. `finish` is always called, also when training raises."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+
+@dataclass
+class NoLoggerConfig:
+    pass
+
+
+@LOGGERS.register("none", NoLoggerConfig, "local files only")
+def no_logger(**context) -> Logger:
+    return Logger()
+
+
+@dataclass
+class WandbConfig:
+    project: str = "runner"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # None: $WANDB_MODE, else offline
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check(self.mode in (None, "offline", "online", "disabled"), "mode", self.mode,
+              "null, offline, online, disabled")
+
+
+@LOGGERS.register("wandb", WandbConfig, "Weights & Biases, offline unless WANDB_MODE=online")
+def wandb_logger(**kwargs) -> Logger:
+    from runner.logging.wandb_logger import WandbLogger
+
+    return WandbLogger(**kwargs)
+
+
+def build_logger(node, **context) -> Logger:
+    """`context`: run_dir, config (resolved dict), name, group, job_type, run_id."""
+    entry, cfg = LOGGERS.validate(node)
+    return entry.build(**dataclasses.asdict(cfg), **context)

@@ -1,0 +1,200 @@
+"""`run(cfg, run_dir)`: one experiment, read top to bottom: validate, seed, data, model, optimizer, loop.
+
+Importable without Hydra (tests call it with a composed config). Bad input raises `ConfigError` before any
+work; failures during training are recorded in summary.json (status failed, with the error's last lines) and
+re-raised; the dashboard logger is always finished.
+"""
+import dataclasses
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import ConfigError, structured
+from runner.data import DatasetConfig, build_data
+from runner.logging import LOGGERS, build_logger
+from runner.logging.rundir import RunDir, command_line, device_name, git_state, versions
+from runner.losses import LOSSES, build_loss
+from runner.models import MODELS, build_model
+from runner.optim import OPTIMIZERS, build_optimizer
+from runner.schedulers import SCHEDULERS, build_scheduler
+from runner.signature import signature
+from runner.train import Progress, TrainerConfig, train
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Spec:
+    """The validated config: one dataclass per group, plus the resolved plain dict."""
+    seed: int
+    experiment: str
+    dataset: DatasetConfig
+    trainer: TrainerConfig
+    resolved: dict
+
+
+def validate(cfg: DictConfig) -> Spec:
+    """Check every group against its schema (types, ranges, unknown keys); raises ConfigError."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # an interpolation that does not resolve
+        raise ConfigError("config", message=f"invalid config: {e}".splitlines()[0]) from None
+    for group, registry in (("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
+                            ("scheduler", SCHEDULERS), ("logger", LOGGERS)):
+        if group not in resolved:
+            raise ConfigError(group, message=f"config group '{group}' is missing: add {group}=<option>")
+        registry.validate(resolved[group])
+    seed = resolved.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError("seed", seed, "an integer >= 0")
+    return Spec(seed=seed, experiment=str(resolved.get("experiment", "default")),
+                dataset=structured(DatasetConfig, resolved["dataset"], "dataset"),
+                trainer=structured(TrainerConfig, resolved["trainer"], "trainer"), resolved=resolved)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", message=f"trainer.device={name} but CUDA is not available on this "
+                                                        "machine; use trainer.device=cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("trainer.device", name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def load_checkpoint(path: str) -> dict:
+    """Read a checkpoint (a .pt file or a run dir) safely (weights_only); a bad file is a ConfigError."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt"
+    if not p.is_file():
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: no checkpoint at {p.resolve()}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: cannot read checkpoint {p}: "
+                                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: {p} is not a runner checkpoint "
+                                                    f"(format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "data": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train one configuration and record it in `run_dir`; returns the summary (also in summary.json)."""
+    spec = validate(cfg)
+    device = resolve_device(spec.trainer.device)
+    resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else None
+    sig = signature(spec.resolved)
+    channels_last = spec.trainer.channels_last if spec.trainer.channels_last is not None else device.type == "cuda"
+
+    seed_everything(spec.seed, spec.trainer.deterministic, device)
+    data = build_data(spec.dataset, spec.seed, device, channels_last)
+    model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = build_loss(cfg.loss)
+    optimizer, capabilities = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.scheduler, optimizer, spec.trainer.epochs, len(data.train))
+    progress = Progress()
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError("trainer.resume", message=f"trainer.resume={spec.trainer.resume}: checkpoint does not "
+                                                        f"match this model/optimizer: {str(e).strip().splitlines()[0]}")
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"], data.train.generator)
+        progress = Progress(**resume["progress"])
+    net = torch.compile(model) if spec.trainer.compile else model
+
+    record = RunDir(run_dir)
+    overrides = _overrides(run_dir)
+    logger = build_logger(cfg.logger, run_dir=record.path, config=spec.resolved, name=overrides or spec.experiment,
+                          group=f"{spec.experiment}-{sig}", job_type=spec.experiment,
+                          run_id=f"{sig}-s{spec.seed}-{abs(hash(str(record.path.resolve()))) % 10**8:08d}")
+
+    def summary(status: str, error: str | None = None) -> dict:
+        return {"status": status, "final": progress.final, "best": progress.best, "seed": spec.seed,
+                "epochs": progress.epoch, "steps": progress.step, "passes": progress.passes,
+                "wall_s": round(progress.wall_s, 3), "error": error, "experiment": spec.experiment,
+                "signature": sig, "versions": versions(), "git": git_state(), "device": device.type,
+                "device_name": device_name(device), "command": command_line(),
+                "label_noise_fraction": data.noisy_fraction}
+
+    def on_epoch(metrics: dict) -> None:
+        record.log(metrics)
+        logger.log(metrics, step=metrics["step"])
+
+    def on_checkpoint() -> None:
+        record.save_checkpoint({"format": CHECKPOINT_FORMAT, "signature": sig, "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "rng": rng_state(data.train.generator), "progress": dataclasses.asdict(progress)})
+
+    result = None
+    try:
+        status = train(net, objective, optimizer, capabilities["passes_per_step"], scheduler, data, spec.trainer,
+                       device, progress, on_epoch, on_checkpoint)
+        result = summary(status)
+    except KeyboardInterrupt:
+        result = summary("interrupted", "KeyboardInterrupt")
+        raise
+    except BaseException as e:
+        result = summary("failed", "".join(traceback.format_exception(e)[-3:]).strip())
+        raise
+    finally:
+        if result is not None:
+            record.write_summary(result)
+            logger.finish(result)
+    return result
+
+
+def _overrides(run_dir) -> str:
+    """The command-line overrides Hydra saved for this run, as one string (the wandb run name)."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ""
+    return " ".join(str(o) for o in OmegaConf.load(path))

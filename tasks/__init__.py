@@ -1,0 +1,1 @@
+"""Problem definitions: where the data comes from and what a sample means."""

@@ -1,0 +1,184 @@
+"""Raw image-classification data as uint8 tensors on the CPU, plus seeded split / subset / label-noise helpers.
+
+Conventions:
+- Every dataset is stored the same way: `x` is uint8 (N, C, H, W) with values 0..255, `y` is int64 (N,).
+  Normalization and augmentation happen later (on the device); `ImageData.mean/std` are per-channel, in [0, 1]
+  units (i.e. of `x / 255`), and `ImageData.augment` says whether random crop + flip is customary.
+- The files come from the real torchvision dataset classes (the on-disk formats torchvision downloads);
+  missing files are a one-line `ConfigError` naming the folder that was expected.
+- All randomness goes through a `torch.Generator` seeded by the caller, so results are reproducible.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from urllib.error import URLError
+
+import torch
+
+from runner.config import ConfigError
+
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
+
+
+@dataclass
+class Split:
+    """One split as CPU tensors: `x` uint8 (N, C, H, W) with values 0..255, `y` int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class ImageData:
+    """Train and test splits plus what a model and the input pipeline need to know about them."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]  # per channel, of x / 255
+    std: tuple[float, ...]
+    augment: bool  # random crop (padding 4 for 32x32) + horizontal flip is customary
+
+
+# name -> (torchvision class name, folder under root that holds the files, where to get them, classes, mean, std,
+# augment)
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar.html", 10,
+                (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": ("CIFAR100", "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar.html", 100,
+                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "mnist": ("MNIST", os.path.join("MNIST", "raw"), "https://ossci-datasets.s3.amazonaws.com/mnist/", 10,
+              (0.1307,), (0.3081,), False),
+    "fashion_mnist": ("FashionMNIST", os.path.join("FashionMNIST", "raw"),
+                      "https://github.com/zalandoresearch/fashion-mnist", 10, (0.2860,), (0.3530,), False),
+}
+
+
+def load_image_data(name: str, root: str, download: bool, synthetic_size: int = 50000, seed: int = 0) -> ImageData:
+    """Load dataset `name` (one of DATASETS) from `root`, downloading it first when `download` is true.
+
+    `digits` (scikit-learn's bundled copy) and `synthetic` (random, for benchmarks; `synthetic_size` training
+    images, seeded by `seed`) need no files. The others are read by torchvision from `root`.
+    """
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic(synthetic_size, seed)
+    if name in _TORCHVISION:
+        return _torchvision(name, root, download)
+    raise ConfigError("dataset.name", name, ", ".join(DATASETS))
+
+
+def _torchvision(name: str, root: str, download: bool) -> ImageData:
+    import torchvision.datasets
+
+    cls_name, folder, source, num_classes, mean, std, augment = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    root = os.path.abspath(os.path.expanduser(root))
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except (RuntimeError, URLError, OSError) as e:  # "Dataset not found or corrupted", or no network
+        failed = f" and the download failed ({type(e).__name__})" if download else ""
+        expected = os.path.join(root, folder)
+        raise ConfigError("dataset.root", message=(
+            f"dataset '{name}' not found or corrupted under {root}{failed} (expected {expected}); "
+            f"set dataset.download=true on a machine with internet, or put the files there ({source})")) from None
+    splits = []
+    for ds in (train, test):
+        x = torch.as_tensor(ds.data)
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # MNIST (N,H,W); CIFAR (N,H,W,C)
+        splits.append(Split(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)))
+    return ImageData(splits[0], splits[1], num_classes, splits[0].x.shape[1], splits[0].x.shape[-1],
+                     mean, std, augment)
+
+
+def _digits() -> ImageData:
+    """scikit-learn's 1797 8x8 digits (levels 0..16 scaled to 0..255); stratified 80/20 split, random_state=0."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images * 255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
+    y = torch.as_tensor(digits.target, dtype=torch.int64)
+    idx_train, idx_test = train_test_split(list(range(len(y))), test_size=0.2, random_state=0,
+                                           stratify=y.numpy())
+    train = Split(x[idx_train], y[idx_train])
+    test = Split(x[idx_test], y[idx_test])
+    pixels = train.x.double() / 255.0
+    return ImageData(train, test, 10, 1, 8, (pixels.mean().item(),), (pixels.std(unbiased=False).item(),), False)
+
+
+def _synthetic(size: int, seed: int) -> ImageData:
+    """Uniformly random CIFAR-shaped images with random labels 0..9; the test split has min(10000, size // 5)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 5:
+        raise ConfigError("dataset.synthetic_size", size, "an integer >= 5")
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+        return Split(x, torch.randint(0, 10, (n,), generator=gen))
+
+    train, test = split(size), split(min(10000, size // 5))
+    std = math.sqrt((256**2 - 1) / 12) / 255  # of a uniform integer on 0..255, in [0, 1] units
+    return ImageData(train, test, 10, 3, 32, (0.5,) * 3, (std,) * 3, True)
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def split_train_val(split: Split, val_size: int | float, seed: int, key: str = "val_size") -> tuple[Split, Split]:
+    """Hold out a validation set: a float in (0, 1) is a fraction (rounded), an int a count; returns (train, val).
+
+    The validation examples are the first ones of a permutation seeded by `seed` (not stratified).
+    """
+    n = len(split)
+    if isinstance(val_size, float) and 0.0 < val_size < 1.0:
+        n_val = round(val_size * n)
+    elif isinstance(val_size, int) and not isinstance(val_size, bool):
+        n_val = val_size
+    else:
+        raise ConfigError(key, val_size, "a fraction in (0, 1) or a count of examples")
+    if not 0 < n_val < n:
+        raise ConfigError(key, val_size, f"between 1 and {n - 1} examples (the split has {n})")
+    perm = _permutation(n, seed)
+    val, train = perm[:n_val], perm[n_val:]
+    return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
+
+
+def subset(split: Split, n: int, seed: int, key: str = "n") -> Split:
+    """The first `n` examples of a permutation seeded by `seed` (their order is that permutation's)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(split):
+        raise ConfigError(key, n, f"an integer between 1 and {len(split)} (the size of the split)")
+    idx = _permutation(len(split), seed)[:n]
+    return Split(split.x[idx], split.y[idx])
+
+
+def symmetric_label_noise(y: torch.Tensor, rate: float, num_classes: int, seed: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric label noise: returns (noisy labels, bool mask of the labels that were changed).
+
+    Convention: each label is, independently with probability `rate`, replaced by a label drawn uniformly from
+    the OTHER `num_classes - 1` classes, so `rate` is exactly the expected fraction of wrong labels. Some papers
+    (e.g. Zhang et al. 2017, "Understanding deep learning requires rethinking generalization") draw the new label
+    from all classes including the true one, which corrupts only `rate * (C - 1) / C` of the labels; to reproduce
+    such a setting, pass `rate * C / (C - 1)` here. The input is not modified.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ConfigError("label_noise", rate, "a probability in [0, 1]")
+    if rate > 0 and num_classes < 2:
+        raise ConfigError("label_noise", rate, "0 when there is a single class")
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(y, dtype=torch.int64)
+    flipped = torch.rand(y.shape, generator=gen) < rate
+    shift = torch.randint(1, max(num_classes, 2), y.shape, generator=gen)  # 1..C-1: never the true class
+    noisy = torch.where(flipped, (y + shift) % num_classes, y)
+    return noisy, flipped
