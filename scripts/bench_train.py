@@ -1,0 +1,349 @@
+"""Benchmark: the runner's training epoch against a minimal hand-written loop and the usual DataLoader pipeline.
+
+Claim
+    The runner (`runner.run.run`: Hydra config, registries, closure-driven optimizer step, per-step lr schedule,
+    device-side metrics, tqdm wrapper) costs no more than a minimal hand-written loop doing the same work:
+    runner / minimal <= 1.10 on CPU and <= 1.05 on GPU. On a GPU, device-resident data with batched crop+flip
+    makes the runner >= 3x faster than the usual DataLoader + torchvision-transforms pipeline
+    (DataLoader / runner >= 3). On a CPU the DataLoader ratio is reported without a target (compute-bound).
+
+How it is measured (one process, the same model and the same data for all three)
+    (a) runner:  the real config composed with Hydra's compose API from conf/ (logger=none, trainer.progress=false,
+        dataset=synthetic, model=<--model>, optimizer=<--optimizer>, dataset.synthetic_size/batch_size,
+        trainer.device), run by `runner.run.run(cfg, tmp_dir)`; per-epoch `time/epoch_s` is read from
+        metrics.jsonl. That time includes an evaluation on the test split whenever one is due, and the last
+        epoch is always evaluated; so trainer.eval_every is set above trainer.epochs, the runner trains
+        1 warm-up + N timed + 1 final epoch, and only the N middle epochs are used (the final, evaluated epoch
+        is dropped; its excess over the median is printed as the evaluation cost). Checkpoints are off
+        (trainer.checkpoint_every=0; the final checkpoint is written after the timed region anyway).
+    (b) minimal: the same uint8 train tensors on the device (built by `runner.data.build_data` from the same
+        dataset config and seed), a seeded `randperm` per epoch, index, `runner.data.crop_flip` (the same batched
+        crop + flip), float normalize per batch, forward, cross-entropy, backward, `torch.optim.SGD` step
+        (the optimizer config's lr/momentum/weight_decay); for --optimizer sam the two passes by hand (grad norm,
+        perturb, second forward/backward with BN running stats frozen, restore by copy, base SGD step).
+        No metrics, no scheduler, no closure. On CUDA: bf16 autocast + channels_last, as the runner's defaults.
+        1 warm-up + N timed epochs.
+    (c) DataLoader: torch.utils.data.DataLoader (--workers, default min(8, cpu_count); pin_memory on CUDA;
+        persistent workers, so worker start-up is paid in the warm-up epoch only) over a Dataset that returns PIL
+        images made from the same uint8 arrays, with torchvision RandomCrop(32, padding=4),
+        RandomHorizontalFlip, ToTensor, Normalize (same mean/std); fp32 on the device, contiguous format, the same
+        batch size, model and optimizer step as (b). 1 warm-up + N timed epochs.
+    On CUDA every pipeline runs with TF32 and cudnn.benchmark on (the runner's settings, set process-wide before
+    any pipeline) and each timed epoch ends with a synchronize. Torch's default thread count is used throughout.
+    Reported: the median s/epoch over the N timed epochs, images/s (train images / median), the ratio to (b).
+
+Hardware
+    Printed at the top of each run (torch version, device name, CPU cores, torch threads). Results recorded in
+    docs/benchmarks.md (so far: a 2-core CPU machine without a GPU).
+
+Usage
+    .venv/bin/python scripts/bench_train.py                      # CPU defaults: cnn, 4096 images, batch 512
+    .venv/bin/python scripts/bench_train.py --optimizer sam
+    .venv/bin/python scripts/bench_train.py --quick              # smoke test: cnn, 2048 images, batch 128
+    python scripts/bench_train.py --device cuda                  # GPU defaults: resnet18, 50000 images, batch 512
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TARGET_RUNNER = {"cpu": 1.10, "cuda": 1.05}   # runner / minimal at most
+TARGET_LOADER = {"cuda": 3.0}                 # DataLoader / runner at least (no target on CPU)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--model", default=None, help="a conf/model option: resnet18 | cnn | mlp | wrn16_8 | wrn28_10 "
+                                                 "(default: resnet18 on CUDA, cnn on CPU)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "sam"))
+    p.add_argument("--size", type=int, default=None, help="synthetic train images (default: 50000 CUDA, 4096 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 (128 with --quick)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="timed epochs per pipeline, after 1 warm-up epoch (default: 3; 2 with --quick)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default min(8, cpu_count))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test (cnn, 2048, batch 128)")
+    p.add_argument("--only", default="runner,minimal,dataloader",
+                   help="comma-separated subset of pipelines to run (default all three)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.device(args.device).type == "cuda"
+    if args.quick:
+        args.model = args.model or "cnn"
+        args.size = args.size or 2048
+        args.batch_size = args.batch_size or 128
+        args.epochs = args.epochs or 2
+    args.model = args.model or ("resnet18" if gpu else "cnn")
+    args.size = args.size or (50000 if gpu else 4096)
+    args.batch_size = args.batch_size or 512
+    args.epochs = args.epochs or 3
+    args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.epochs < 1:
+        p.error("--epochs must be >= 1")
+    return args
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = "cpu"
+    return info
+
+
+def compose(args, total_epochs: int):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    overrides = [
+        "logger=none", "trainer.progress=false", "dataset=synthetic", f"model={args.model}",
+        f"optimizer={args.optimizer}", f"dataset.synthetic_size={args.size}", f"dataset.batch_size={args.batch_size}",
+        f"trainer.epochs={total_epochs}", f"trainer.eval_every={total_epochs + 1}", "trainer.checkpoint_every=0",
+        f"trainer.device={args.device}", f"seed={args.seed}",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    return cfg, overrides
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------- (a) runner
+def bench_runner(cfg, epochs: int) -> tuple[list[float], float]:
+    """Timed epochs (2..epochs+1 of epochs+2) from metrics.jsonl, and the final epoch's time (with evaluation)."""
+    from runner.run import run
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        summary = run(cfg, tmp)
+        if summary["status"] != "completed":
+            raise RuntimeError(f"runner run ended {summary['status']}: {summary.get('error')}")
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
+    times = {r["epoch"]: r["time/epoch_s"] for r in records if "time/epoch_s" in r}
+    assert sorted(times) == list(range(1, epochs + 3)), sorted(times)
+    for r in records:  # only the final epoch may carry an evaluation
+        assert ("test/acc" in r) == (r["epoch"] == epochs + 2), r
+    return [times[e] for e in range(2, epochs + 2)], times[epochs + 2]
+
+
+# ------------------------------------------------------------------------------------------- shared by (b), (c)
+def make_model_and_optimizer(cfg, data, device, channels_last: bool):
+    from runner.models import build_model
+
+    torch.manual_seed(cfg.seed)  # the runner seeds the same way right before building its model
+    model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = cfg.optimizer
+    sgd = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                          nesterov=o.nesterov)
+    return model, sgd
+
+
+class Stepper:
+    """forward, loss, backward, SGD step; or SAM's two passes written out. No metrics, no scheduler."""
+
+    def __init__(self, model, opt, optimizer_name: str, rho: float, autocast):
+        self.model, self.opt, self.sam, self.rho, self.autocast = model, opt, optimizer_name == "sam", rho, autocast
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.saved = [p.detach().clone() for p in self.params] if self.sam else None
+
+    def loss(self, x, y):
+        with self.autocast():
+            logits = self.model(x)
+        return F.cross_entropy(logits.float(), y)
+
+    def __call__(self, x, y) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss(x, y).backward()
+        if self.sam:
+            with torch.no_grad():
+                grads = [p.grad for p in self.params]
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)), 2)
+                torch._foreach_copy_(self.saved, self.params)
+                torch._foreach_add_(self.params, torch._foreach_mul(grads, self.rho / (norm + 1e-12)))
+            self.opt.zero_grad(set_to_none=True)
+            momenta = [m.momentum for m in self.bns]
+            for m in self.bns:
+                m.momentum = 0.0            # second pass: BN running stats untouched (as the runner's loop)
+            self.loss(x, y).backward()
+            for m, mom in zip(self.bns, momenta):
+                m.momentum = mom
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.saved)
+        self.opt.step()
+
+
+def autocast_factory(device: torch.device, bf16: bool):
+    if bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    import contextlib
+    return contextlib.nullcontext
+
+
+# -------------------------------------------------------------------------------------------------- (b) minimal
+def bench_minimal(cfg, data, device, epochs: int, gpu: bool) -> list[float]:
+    from runner.data import crop_flip
+
+    model, opt = make_model_and_optimizer(cfg, data, device, channels_last=gpu)
+    model.train()
+    step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0), autocast_factory(device, gpu))
+    X, Y, bs = data.train.x, data.train.y, cfg.dataset.batch_size
+    mean, std = data.train.mean, data.train.std                        # (1, C, 1, 1), in 0..255 units
+    fmt = torch.channels_last if gpu else torch.contiguous_format
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    n, times = len(Y), []
+    for epoch in range(epochs + 1):
+        sync(device)
+        start = time.perf_counter()
+        order = torch.randperm(n, device=device, generator=gen)
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            x = crop_flip(X[idx], 4, gen)
+            x = ((x.float() - mean) / std).contiguous(memory_format=fmt)
+            step(x, Y[idx])
+        sync(device)
+        if epoch:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------- (c) DataLoader
+class PILDataset(torch.utils.data.Dataset):
+    """uint8 (N, H, W, C) array -> PIL image -> torchvision transforms, as a CIFAR10 dataset does."""
+
+    def __init__(self, x_nhwc: np.ndarray, y: np.ndarray, transform):
+        self.x, self.y, self.transform = x_nhwc, y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def bench_dataloader(cfg, data, device, epochs: int, workers: int, gpu: bool) -> list[float]:
+    import torchvision.transforms as T
+
+    model, opt = make_model_and_optimizer(cfg, data, device, channels_last=False)
+    model.train()
+    step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0), autocast_factory(device, False))
+    mean = (data.train.mean / 255).flatten().tolist()
+    std = (data.train.std / 255).flatten().tolist()
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    x = data.train.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) like CIFAR10.data
+    ds = PILDataset(x, data.train.y.cpu().numpy(), transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.dataset.batch_size, shuffle=True, num_workers=workers,
+                                         pin_memory=gpu, persistent_workers=workers > 0, drop_last=False,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    times = []
+    for epoch in range(epochs + 1):
+        sync(device)
+        start = time.perf_counter()
+        for xb, yb in loader:
+            step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
+        sync(device)
+        if epoch:
+            times.append(time.perf_counter() - start)
+    del loader
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:  # the runner's settings (runner.run.seed_everything), set for every pipeline alike
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    hw = hardware(device)
+    cfg, overrides = compose(args, total_epochs=args.epochs + 2)
+    print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"torch {hw['torch']} (python {hw['python']}); device {hw['device']} ({hw['device_name']}); "
+          f"CPU {hw['cpu']}, {hw['cpu_cores']} cores, torch threads {hw['torch_threads']}")
+    print(f"model={args.model} optimizer={args.optimizer} size={args.size} batch={args.batch_size} "
+          f"timed epochs={args.epochs} (after 1 warm-up) workers={args.workers} "
+          f"precision={'bf16 autocast + channels_last' if gpu else 'fp32'} (runner, minimal); fp32 (DataLoader)")
+    print("runner overrides: " + " ".join(overrides), flush=True)
+
+    from runner.data import build_data
+    from runner.run import validate
+    spec = validate(cfg)
+    data = build_data(spec.dataset, spec.seed, device, channels_last=gpu)  # the tensors the runner will build
+
+    results, extra = {}, {}
+    if "runner" in args.only:
+        results["runner"], extra["runner_final_s"] = bench_runner(cfg, args.epochs)
+        print(f"  runner      {results['runner']}", flush=True)
+    if "minimal" in args.only:
+        results["minimal"] = bench_minimal(cfg, data, device, args.epochs, gpu)
+        print(f"  minimal     {results['minimal']}", flush=True)
+    if "dataloader" in args.only:
+        results["dataloader"] = bench_dataloader(cfg, data, device, args.epochs, args.workers, gpu)
+        print(f"  dataloader  {results['dataloader']}", flush=True)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    names = {"runner": "(a) runner: run(cfg) (Hydra config, closure step, scheduler, metrics)",
+             "minimal": "(b) minimal loop, device data + crop_flip",
+             "dataloader": f"(c) DataLoader ({args.workers} workers) + torchvision transforms, fp32"}
+    print()
+    print("| pipeline | s/epoch (median) | images/s | / minimal |")
+    print("|---|---|---|---|")
+    for k in results:
+        ratio = f"{med[k] / med['minimal']:.3f}" if "minimal" in med else "-"
+        print(f"| {names[k]} | {med[k]:.3f} | {args.size / med[k]:,.0f} | {ratio} |")
+    print()
+    kind = device.type
+    out = {"hardware": hw, "args": vars(args), "epoch_s": results, "median_s": med}
+    if "runner" in med:
+        print(f"runner final epoch (with test evaluation, dropped): {extra['runner_final_s']:.3f} s "
+              f"(evaluation ~{extra['runner_final_s'] - med['runner']:.3f} s)")
+    if "runner" in med and "minimal" in med:
+        r = med["runner"] / med["minimal"]
+        t = TARGET_RUNNER[kind]
+        print(f"runner / minimal     = {r:.3f}  (target <= {t:.2f} on {kind}: {'PASS' if r <= t else 'FAIL'})")
+        out["runner_over_minimal"] = r
+    if "runner" in med and "dataloader" in med:
+        r = med["dataloader"] / med["runner"]
+        t = TARGET_LOADER.get(kind)
+        verdict = f"target >= {t:.0f} on {kind}: {'PASS' if r >= t else 'FAIL'}" if t else f"no target on {kind}"
+        print(f"DataLoader / runner  = {r:.3f}  ({verdict})")
+        out["dataloader_over_runner"] = r
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""SAM / ASAM against a hand-computed two-pass update in float64, and the BN running-stat convention."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad
+
+from runner.optim import build_optimizer
+from runner.optim.bn import frozen_bn_stats
+from runner.optim.sam import SAM
+
+
+def tiny_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    return model, x, y
+
+
+def loss_at(model, params, x, y):
+    return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+
+def closure_for(model, optimizer, x, y, calls):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(loss.item())
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_two_steps_match_hand_computation(adaptive):
+    rho, lr, momentum, wd = 0.3, 0.1, 0.9, 1e-2
+    model, x, y = tiny_problem()
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buf = {k: None for k in w}
+    g_fn = grad(lambda p: loss_at(model, p, x, y))
+    expected_losses = []
+    for _ in range(2):  # two steps: the second exercises the momentum buffer
+        expected_losses.append(loss_at(model, w, x, y).item())
+        g = g_fn(w)                                                            # g(w)
+        t = {k: (w[k].abs() if adaptive else torch.ones_like(w[k])) for k in w}   # T_w
+        norm = torch.sqrt(sum(((t[k] * g[k]) ** 2).sum() for k in w))          # ||T g||
+        e = {k: rho * t[k] ** 2 * g[k] / (norm + 1e-12) for k in w}           # e(w) = rho T² g / ||T g||
+        g_sam = g_fn({k: w[k] + e[k] for k in w})                              # g(w + e(w))
+        for k in w:                                                            # torch SGD, coupled L2
+            d = g_sam[k] + wd * w[k]
+            buf[k] = d.clone() if buf[k] is None else momentum * buf[k] + d
+            w[k] = w[k] - lr * buf[k]
+
+    optimizer = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
+                    weight_decay=wd)
+    for step in range(2):
+        calls = []
+        loss = optimizer.step(closure_for(model, optimizer, x, y, calls))
+        assert len(calls) == 2                              # two forward+backward passes per step
+        assert loss.item() == pytest.approx(expected_losses[step], abs=1e-12)  # the loss at w, not w + e(w)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), w[k], atol=1e-12, rtol=0)
+
+
+def test_rho_zero_is_the_base_optimizer():
+    model, x, y = tiny_problem()
+    twin = copy.deepcopy(model)
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        sam.step(closure_for(model, sam, x, y, []))
+        sgd.step(closure_for(twin, sgd, x, y, []))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
+
+
+def test_state_dict_roundtrip_is_the_base_optimizers_state():
+    model, x, y = tiny_problem()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt.step(closure_for(model, opt, x, y, []))
+    state = copy.deepcopy(opt.state_dict())  # torch hands out live buffers; a checkpoint is a copy
+    assert all("momentum_buffer" in s for s in state["state"].values())      # no scratch weights saved
+    twin_model = copy.deepcopy(model)
+    twin = SAM(twin_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    twin.load_state_dict(state)
+    assert twin.param_groups is twin.base_optimizer.param_groups              # lr schedules still reach the base
+    opt.step(closure_for(model, opt, x, y, []))
+    twin.step(closure_for(twin_model, twin, x, y, []))
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_step_without_closure_is_a_clear_error():
+    model, _, _ = tiny_problem()
+    with pytest.raises(RuntimeError, match="closure"):
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1).step()
+
+
+def test_sam_from_config_declares_two_passes():
+    model, _, _ = tiny_problem()
+    optimizer, caps = build_optimizer({"name": "sam", "rho": 0.1, "base": "adamw", "lr": 1e-3}, model.parameters())
+    assert isinstance(optimizer.base_optimizer, torch.optim.AdamW) and caps["passes_per_step"] == 2
+
+
+def test_frozen_bn_stats_leaves_running_statistics_alone():
+    bn = nn.BatchNorm1d(3)
+    bn.train()
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    x = torch.randn(8, 3) * 5 + 2
+    with frozen_bn_stats(bn):
+        out = bn(x)
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)  # still batch statistics
+    for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
+        assert torch.equal(a, b)
+    assert bn.momentum == 0.1
+    bn(x)
+    assert not torch.equal(before[0], bn.running_mean)                            # restored afterwards
