@@ -32,3 +32,59 @@ def preflight(argv: list[str]) -> None:
         for option in value.split(","):
             if option.strip() and option.strip() not in available:
                 fail(f"unknown {group} '{option.strip()}' (available: {', '.join(available)})")
+
+
+SUBMITIT_LAUNCHERS = {"slurm", "submitit_local"}
+
+
+def check_launcher(argv: list[str]) -> None:
+    """A launcher whose extra is not installed: say how to install it (Hydra would only say 'not found')."""
+    import importlib.util
+
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        wants_submitit = (key.lstrip("+") == "launcher" and value in SUBMITIT_LAUNCHERS) or (
+            key.lstrip("+") == "hydra/launcher" and value.startswith("submitit"))
+        if wants_submitit and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            fail(f"{arg} needs the SLURM extra, which is not installed: pip install -e '.[slurm]'")
+
+
+def validate_sweep(argv: list[str], max_jobs: int = 500) -> None:
+    """Compose and validate every job of a `-m` sweep before the first one starts (one line on error)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from runner.config import ConfigError
+    from runner.run import validate
+
+    task_args = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(task_args)
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except HydraException as e:
+        fail(str(e).splitlines()[0])
+    if len(jobs) > max_jobs:
+        return  # a huge sweep: Hydra's own per-job composition check still runs
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for job in jobs:
+            try:
+                validate(compose("config", overrides=list(job)))
+            except ConfigError as e:
+                fail(f"{e} (in sweep job: {' '.join(job)})")
+            except (HydraException, OmegaConfBaseException) as e:
+                fail(f"{str(e).splitlines()[0]} (in sweep job: {' '.join(job)})")
+    GlobalHydra.instance().clear()
+
+
+def preflight_all(argv: list[str]) -> None:
+    """Everything checked before Hydra starts: group options, launcher extras, every job of a sweep."""
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve") for a in argv):
+        return
+    preflight(argv)
+    check_launcher(argv)
+    if "-m" in argv or "--multirun" in argv:
+        validate_sweep(argv)

@@ -5,6 +5,8 @@ work; failures during training are recorded in summary.json (status failed, with
 re-raised; the dashboard logger is always finished.
 """
 import dataclasses
+import hashlib
+import logging
 import os
 import random
 import time
@@ -26,7 +28,10 @@ from runner.models import MODELS, build_model
 from runner.optim import OPTIMIZERS, build_optimizer
 from runner.schedulers import SCHEDULERS, build_scheduler
 from runner.signature import signature
+from runner.sweep import RunLock
 from runner.train import Progress, TrainerConfig, train
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -86,22 +91,39 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
         torch.backends.cudnn.allow_tf32 = True
 
 
+def read_checkpoint(path: Path) -> dict:
+    """Load a runner checkpoint safely (weights_only); raises ValueError saying what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a runner checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint (a .pt file or a run dir) safely (weights_only); a bad file is a ConfigError."""
+    """`trainer.resume`: a .pt file or a run dir; anything unreadable is a ConfigError."""
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoints" / "last.pt"
     if not p.is_file():
         raise ConfigError("trainer.resume", message=f"trainer.resume={path}: no checkpoint at {p.resolve()}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: cannot read checkpoint {p}: "
-                                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: {p} is not a runner checkpoint "
-                                                    f"(format {CHECKPOINT_FORMAT})")
-    return state
+        return read_checkpoint(p)
+    except ValueError as e:
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: {e}") from None
+
+
+def latest_checkpoint(record: RunDir) -> dict | None:
+    """The newest readable checkpoint of this run dir (last.pt, else prev.pt); a corrupt one is reported."""
+    for path in (record.checkpoint_path, record.previous_checkpoint_path):
+        if path.exists():
+            try:
+                return read_checkpoint(path)
+            except ValueError as e:
+                log.warning("%s; trying the previous one", e)
+    return None
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -122,11 +144,40 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["data"])
 
 
+class RunBusy(RuntimeError):
+    """Another process holds this run's lock (the same run launched twice at once)."""
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train one configuration and record it in `run_dir`; returns the summary (also in summary.json)."""
+    """Train one configuration and record it in `run_dir`; returns the summary (also in summary.json).
+
+    A run dir that already holds a completed (or diverged) run is skipped: its summary is returned with
+    `"skipped": true`. One that holds checkpoints continues from the newest readable one.
+    """
     spec = validate(cfg)
     device = resolve_device(spec.trainer.device)
     resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else None
+    record = RunDir(run_dir)
+    previous = record.read_summary()
+    if previous is not None and previous.get("status") in ("completed", "diverged"):
+        return {**previous, "skipped": True}
+    lock = RunLock(record.path)
+    if not lock.acquire():
+        raise RunBusy(f"{record.path} is being trained by another process; skipped")
+    try:
+        if resume is None:
+            resume = latest_checkpoint(record)
+        if resume is None:
+            record.truncate_metrics(0)  # a run that died before its first checkpoint starts over
+        else:
+            record.truncate_metrics(resume["progress"]["epoch"])
+        return _train_and_record(cfg, spec, device, resume, record)
+    finally:
+        lock.release()
+
+
+def _train_and_record(cfg: DictConfig, spec: Spec, device: torch.device, resume: dict | None,
+                      record: RunDir) -> dict:
     sig = signature(spec.resolved)
     channels_last = spec.trainer.channels_last if spec.trainer.channels_last is not None else device.type == "cuda"
 
@@ -144,25 +195,27 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError("trainer.resume", message=f"trainer.resume={spec.trainer.resume}: checkpoint does not "
-                                                        f"match this model/optimizer: {str(e).strip().splitlines()[0]}")
+            raise ConfigError("trainer.resume", message=f"checkpoint does not match this model/optimizer: "
+                                                        f"{str(e).strip().splitlines()[0]}") from None
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"], data.train.generator)
         progress = Progress(**resume["progress"])
+        log.info("resuming %s from epoch %d", record.path, progress.epoch)
     net = torch.compile(model) if spec.trainer.compile else model
 
-    record = RunDir(run_dir)
-    overrides = _overrides(run_dir)
-    logger = build_logger(cfg.logger, run_dir=record.path, config=spec.resolved, name=overrides or spec.experiment,
-                          group=f"{spec.experiment}-{sig}", job_type=spec.experiment,
-                          run_id=f"{sig}-s{spec.seed}-{abs(hash(str(record.path.resolve()))) % 10**8:08d}")
+    run_id = f"{sig}-s{spec.seed}-{hashlib.sha1(str(record.path.resolve()).encode()).hexdigest()[:8]}"
+    logger = build_logger(cfg.logger, run_dir=record.path, config=spec.resolved,
+                          name=_overrides(record.path) or spec.experiment, group=f"{spec.experiment}-{sig}",
+                          job_type=spec.experiment, run_id=run_id)
+    git = git_state(diff_to=record.path / "git.diff")
 
     def summary(status: str, error: str | None = None) -> dict:
         return {"status": status, "final": progress.final, "best": progress.best, "seed": spec.seed,
                 "epochs": progress.epoch, "steps": progress.step, "passes": progress.passes,
                 "wall_s": round(progress.wall_s, 3), "error": error, "experiment": spec.experiment,
-                "signature": sig, "versions": versions(), "git": git_state(), "device": device.type,
-                "device_name": device_name(device), "command": command_line(),
+                "signature": sig, "resumed_from_epoch": resume["progress"]["epoch"] if resume else None,
+                "deterministic": spec.trainer.deterministic, "versions": versions(), "git": git,
+                "device": device.type, "device_name": device_name(device), "command": command_line(),
                 "label_noise_fraction": data.noisy_fraction}
 
     def on_epoch(metrics: dict) -> None:
@@ -190,6 +243,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             record.write_summary(result)
             logger.finish(result)
     return result
+
+
+def failed_summary(run_dir: str | Path, error: str, status: str = "failed") -> None:
+    """summary.json for a job that failed before training started (in a sweep, so the report counts it)."""
+    RunDir(run_dir).write_summary({"status": status, "final": {}, "best": {}, "error": error,
+                                   "versions": versions(), "git": git_state(), "command": command_line()})
 
 
 def _overrides(run_dir) -> str:

@@ -18,6 +18,8 @@ IGNORED_KEYS: tuple[str, ...] = (
     "dataset.download",
     "trainer.device",
     "trainer.progress",
+    "trainer.resume",
+    "trainer.checkpoint_every",
     "logger",
     "hydra",
     "run_dir",

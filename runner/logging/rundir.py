@@ -42,6 +42,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
         self.checkpoint_path = self.path / "checkpoints" / "last.pt"
+        self.previous_checkpoint_path = self.path / "checkpoints" / "prev.pt"
 
     def log(self, record: dict) -> None:
         """Append one event (a JSON object) to metrics.jsonl and flush it, so a crash loses nothing logged."""
@@ -56,7 +57,19 @@ class RunDir:
         return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
 
     def save_checkpoint(self, state: dict) -> None:
+        """Write last.pt atomically, keeping the one before as prev.pt (the fallback if last.pt is corrupt)."""
+        if self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         atomic_write_bytes(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop events logged after `last_epoch` (a resumed run logs them again)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write_bytes(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def versions() -> dict:
@@ -70,14 +83,16 @@ def versions() -> dict:
     return out
 
 
-def git_state() -> dict:
-    """Revision and dirty flag of the runner's source tree (not of the cwd)."""
+def git_state(diff_to: Path | None = None) -> dict:
+    """Revision and dirty flag of the runner's source tree (not of the cwd); the diff goes to `diff_to` if dirty."""
     def git(*args):
         out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
     try:
         rev = git("rev-parse", "HEAD") or None
         dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if rev else None
+        if dirty and diff_to is not None:
+            Path(diff_to).write_text(git("diff", "HEAD") + "\n")
     except (OSError, subprocess.TimeoutExpired):
         rev, dirty = None, None
     return {"rev": rev, "dirty": dirty}
