@@ -1,77 +1,9 @@
-"""`python -m runner [overrides]`: Hydra's entry point around `runner.run.run(cfg, run_dir)`.
-
-Single run: bad input is one line and exit 2; a training error is recorded in summary.json and re-raised.
-Sweep (`-m`): every job's config is validated before the first job starts; a job never stops the sweep (its
-status goes to summary.json and the launch log); the process exits 1 at the end if any job failed.
-"""
-import logging
-import shutil
+"""`python -m runner [overrides]`: check the command line, run the Hydra app, exit 1 if a sweep job failed."""
 import sys
-from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
-
-from runner.cli import CONF_DIR, fail, preflight_all
-from runner.config import ConfigError
-from runner.sweep import new_launch, record_job, register_resolvers, tally
-
-log = logging.getLogger("runner")
-register_resolvers()
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> str:
-    from runner.run import RunBusy, failed_summary, run  # after Hydra parsed the command line: --help stays fast
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        try:
-            summary = run(cfg, run_dir)
-        except ConfigError as e:
-            if not (run_dir / "metrics.jsonl").exists():  # nothing trained: leave no run dir behind
-                shutil.rmtree(run_dir, ignore_errors=True)
-            fail(str(e))
-        except RunBusy as e:
-            fail(str(e))
-        if summary.get("skipped"):
-            print(f"already {summary['status']}: {run_dir}", file=sys.stderr)
-        return summary["status"]
-
-    sweep_dir = hydra_cfg.sweep.dir
-    try:
-        summary = run(cfg, run_dir)
-        status = "skipped" if summary.get("skipped") else summary["status"]
-        log.info("%s: %s", status, run_dir)
-    except KeyboardInterrupt:
-        raise
-    except RunBusy as e:
-        status = "busy"
-        log.warning("%s", e)
-    except ConfigError as e:
-        status = "failed"
-        failed_summary(run_dir, str(e))
-        log.error("failed: %s: %s", run_dir, e)
-    except Exception as e:  # recorded in summary.json by run(); the sweep goes on
-        status = "failed"
-        log.exception("failed: %s: %s", run_dir, e)
-    record_job(sweep_dir, run_dir, status)
-    return status
-
-
-def sweep_exit_code() -> int:
-    """After a sweep: one line of counts, and 1 if any job failed."""
-    outcome = tally()
-    if outcome is None:
-        return 0
-    counts, failed = outcome
-    line = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    print(f"sweep: {line}" + (f"; failed: {' '.join(failed)}" if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
-
+from runner.app import main, sweep_exit_code
+from runner.cli import preflight_all
+from runner.sweep import new_launch
 
 if __name__ == "__main__":
     preflight_all(sys.argv[1:])

@@ -61,7 +61,9 @@ def validate_sweep(argv: list[str], max_jobs: int = 500) -> None:
     from runner.config import ConfigError
     from runner.run import validate
 
-    task_args = [a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    # hydra.* and launcher choices do not change a job's config; they need plugins compose() does not load
+    task_args = [a for a in argv if "=" in a and not a.startswith("-")
+                 and not a.lstrip("+~").startswith(("hydra", "launcher="))]
     try:
         overrides = OverridesParser.create().parse_overrides(task_args)
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]

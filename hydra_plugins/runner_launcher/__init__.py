@@ -1,0 +1,1 @@
+"""The runner's Hydra launcher plugin (see gpu_pool_launcher.py)."""

@@ -1,0 +1,65 @@
+"""Shared fixtures: compose configs in-process (Hydra's compose API) and run the real CLI in a subprocess.
+
+`compose(overrides)` returns the config `python -m runner <overrides>` would run (without the `hydra` node
+unless asked), so config tests need no subprocess. `run_cli(*args)` runs `python -m runner` for real, in
+the test's tmp_path, offline: wandb writes only under tmp_path and never sees a real key.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+
+@pytest.fixture
+def compose():
+    """`compose(overrides=(), return_hydra_config=False)` -> the composed DictConfig of conf/config.yaml."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    def _compose(overrides=(), return_hydra_config: bool = False):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+    return _compose
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict:
+    """The environment of a CLI subprocess: the repo importable, wandb offline and confined to tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb_dir"),
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
+               WANDB_DATA_DIR=str(tmp_path / "wandb_data"), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """`run_cli(*args, cwd=tmp_path, env=None, timeout=300)` -> CompletedProcess of `python -m runner *args`.
+
+    Adds `hydra.run.dir=<tmp_path>/run` unless a run/sweep dir is given or `-m` is used, and `logger=none`
+    unless a logger is chosen. `env` entries are added to (or override) `cli_env`. `prefix` replaces
+    `[sys.executable, "-m", "runner"]` (e.g. a `python -c` wrapper).
+    """
+
+    def _run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+             prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+        args = [str(a) for a in args]
+        keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+        multirun = "-m" in args or "--multirun" in args
+        if not multirun and "hydra.run.dir" not in keys and not any(a.startswith("--") for a in args):
+            args.append(f"hydra.run.dir={tmp_path / 'run'}")
+        if "logger" not in keys and not any(a.startswith("--") for a in args):
+            args.append("logger=none")
+        cmd = (prefix or [sys.executable, "-m", "runner"]) + args
+        return subprocess.run(cmd, cwd=str(cwd or tmp_path), env=cli_env(tmp_path, **(env or {})),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return _run

@@ -1,0 +1,299 @@
+"""The config tree: every experiment and every option of every group composes (as `python -m runner` would
+compose it), passes `runner.run.validate`, and its parts can be built and used for a step.
+
+Models are built for their dataset's input shape: the small ones (mlp, cnn) for digits' 1x8x8, the CIFAR
+ones (resnet18, wrn) for 3x32x32. Optimizers, schedulers and losses are built on a tiny model.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.datasets
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from runner.data import DatasetConfig, build_data
+from runner.logging import LOGGERS, build_logger
+from runner.losses import build_loss
+from runner.models import build_model
+from runner.optim import OPTIMIZERS, build_optimizer
+from runner.run import validate
+from runner.schedulers import build_scheduler
+from runner.signature import flatten, signature
+from runner.train import TrainerConfig
+
+try:
+    from tests.conftest import CONF_DIR, REPO, cli_env
+    from tests.fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from conftest import CONF_DIR, REPO, cli_env
+    from fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
+
+#: The groups `runner.run.run` consumes; other folders of conf/ (experiment, launcher, sweep, ...) only
+#: rearrange these or Hydra's own settings.
+RUN_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger")
+DEFAULTS = {k: v for entry in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
+            if isinstance(entry, dict) for k, v in entry.items()}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def group_override(group: str, option: str) -> str:
+    """`group=option` for a group in the defaults list, `+group=option` for an optional one (experiment)."""
+    return f"{group}={option}" if group in DEFAULTS else f"+{group}={option}"
+
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+EXTRA_GROUPS = [g for g in GROUPS if g not in RUN_GROUPS and g != "experiment"]
+EXPERIMENTS = options("experiment")
+ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
+
+# input shape (channels, size) and number of classes of each dataset
+SHAPES = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10),
+          "cifar100": (3, 32, 100), "synthetic": (3, 32, 10)}
+CIFAR_MODELS = ("resnet18", "wrn")  # checked at 3x32x32; the others at digits' 1x8x8
+
+
+def test_config_tree_is_what_the_tests_cover():
+    assert set(RUN_GROUPS) <= set(GROUPS), "a group runner.run needs has no folder in conf/"
+    assert all(DEFAULTS.get(g) for g in RUN_GROUPS), f"defaults list misses a run group: {DEFAULTS}"
+    assert "experiment" not in DEFAULTS  # presets are opt-in: +experiment=name
+    assert EXPERIMENTS, "no experiments in conf/experiment"
+    for group in RUN_GROUPS:
+        assert DEFAULTS[group] in options(group)
+
+
+def test_default_config(compose):
+    cfg = compose()
+    spec = validate(cfg)
+    assert spec.seed == 0 and spec.experiment == "default"
+    assert isinstance(spec.dataset, DatasetConfig) and spec.dataset.name == "digits"
+    assert isinstance(spec.trainer, TrainerConfig) and spec.trainer.epochs == 20
+    assert {cfg[g].name for g in ("model", "optimizer", "scheduler", "loss", "logger")} == {
+        "mlp", "sgd", "cosine", "cross_entropy", "wandb"}
+    assert "hydra" not in cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# building the parts
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def check_model(node, channels: int, size: int, num_classes: int) -> None:
+    """Build for inputs (N, channels, size, size); run a forward pass unless it is a big CIFAR model (those are
+    run at 3x32x32 in test_models.py and end to end, at a small width, in test_cli.py)."""
+    torch.manual_seed(0)
+    model = build_model(node, num_classes=num_classes, in_channels=channels, image_size=size)
+    assert isinstance(model, torch.nn.Module) and all(torch.isfinite(p).all() for p in model.parameters())
+    first_conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))))
+    assert getattr(first_conv, "in_channels", None) in (channels, None)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.out_features == num_classes
+    if node.name in CIFAR_MODELS:
+        return
+    model.train()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, num_classes) and torch.isfinite(out).all()
+
+
+def check_optimizer(node) -> None:
+    """Build on a tiny model and take one step: the closure is called `passes_per_step` times, weights move."""
+    model = tiny_model()
+    optimizer, capabilities = build_optimizer(node, model.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(node.lr)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert calls == capabilities["passes_per_step"] >= 1
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "one step did not change the weights"
+
+
+def check_scheduler(node, optimizer_node, epochs: int, steps_per_epoch: int = 5) -> None:
+    peak = optimizer_node.lr
+    optimizer = torch.optim.SGD(tiny_model().parameters(), lr=peak)  # a schedule only scales param_groups' lr
+    scheduler = build_scheduler(node, optimizer, epochs, steps_per_epoch)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(epochs * steps_per_epoch):
+        optimizer.step()  # no gradients: a no-op, keeps torch from warning about the call order
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert all(0 <= lr <= peak * (1 + 1e-9) for lr in lrs), lrs[:10]
+    assert max(lrs) == pytest.approx(peak, rel=0.25)  # reaches about its peak (warmup 0 in every preset)
+
+
+def check_loss(node) -> None:
+    loss_fn = build_loss(node)
+    logits = torch.randn(8, 10, requires_grad=True)
+    loss = loss_fn(logits, torch.randint(0, 10, (8,)))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def check_dataset(node, tmp_path, monkeypatch) -> None:
+    """Load it (fake files in the real formats for the file-based ones) and run the default model on a batch."""
+    params = OmegaConf.to_container(node, resolve=True)
+    name = params["name"]
+    params["root"] = str(tmp_path)
+    if name == "synthetic":
+        params["synthetic_size"] = 40
+    elif name in ("cifar10", "cifar100"):
+        writer, cls = ((write_fake_cifar10, torchvision.datasets.CIFAR10) if name == "cifar10"
+                       else (write_fake_cifar100, torchvision.datasets.CIFAR100))
+        patch_cifar_md5(monkeypatch, cls, writer(tmp_path, n_train=12, n_test=4).md5)
+    elif name in ("mnist", "fashion_mnist"):
+        write_fake_mnist(tmp_path, n_train=12, n_test=4, name={"mnist": "MNIST"}.get(name, "FashionMNIST"))
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), params))
+    data = build_data(cfg, seed=0, device=torch.device("cpu"))
+    channels, size, num_classes = SHAPES[name]
+    assert (data.in_channels, data.image_size, data.num_classes) == (channels, size, num_classes)
+    x, y = next(iter(data.train))
+    assert x.shape[1:] == (channels, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert set(data.evals) >= {"test"}
+    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), num_classes, channels, size)
+    assert model(x).shape == (len(y), num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every option of every group, one at a time on top of the default
+
+
+@pytest.mark.parametrize("group, option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_group_option_composes_validates_and_builds(compose, tmp_path, monkeypatch, group, option):
+    try:
+        cfg = compose([group_override(group, option)])
+    except MissingConfigException as e:
+        if group in RUN_GROUPS or "hydra/" not in str(e):
+            raise
+        pytest.skip(f"{group}={option} needs a Hydra plugin that is not installed: {str(e).splitlines()[0]}")
+    spec = validate(cfg)
+    assert spec.resolved == OmegaConf.to_container(cfg, resolve=True)
+    if group not in RUN_GROUPS:
+        return  # e.g. launcher, sweep: only Hydra settings; the job's config must still validate
+    node = cfg[group]
+    if group == "model":
+        channels, size, num_classes = SHAPES["cifar10" if node.name in CIFAR_MODELS else "digits"]
+        check_model(node, channels, size, num_classes)
+    elif group == "optimizer":
+        check_optimizer(node)
+        check_scheduler(cfg.scheduler, node, spec.trainer.epochs)
+    elif group == "scheduler":
+        check_scheduler(node, cfg.optimizer, spec.trainer.epochs)
+    elif group == "loss":
+        check_loss(node)
+    elif group == "dataset":
+        assert spec.dataset.name == node.name
+        check_dataset(node, tmp_path, monkeypatch)
+    elif group == "trainer":
+        assert isinstance(spec.trainer, TrainerConfig)
+    elif group == "logger":
+        entry, _ = LOGGERS.validate(node)
+        if node.name == "none":
+            logger = build_logger(node, run_dir=tmp_path, config=spec.resolved, name="t", group="g",
+                                  job_type="j", run_id="r")
+            logger.log({"train/loss": 1.0}, step=1)
+            logger.finish({"status": "completed"})
+
+
+def test_every_registered_name_has_a_yaml():
+    """Each registry's names are reachable from conf/ (a model may be reached through several files)."""
+    from runner.losses import LOSSES
+    from runner.models import MODELS
+    from runner.schedulers import SCHEDULERS
+
+    for group, registry in (("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
+                            ("scheduler", SCHEDULERS), ("logger", LOGGERS)):
+        names = {OmegaConf.load(CONF_DIR / group / f"{o}.yaml").name for o in options(group)}
+        assert names == set(registry.names()), group
+
+
+# ---------------------------------------------------------------------------------------------------------
+# experiments
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_validates_and_builds(compose, name):
+    cfg = compose([f"+experiment={name}"])
+    spec = validate(cfg)
+    assert spec.experiment == name
+    channels, size, num_classes = SHAPES[spec.dataset.name]
+    check_model(cfg.model, channels, size, num_classes)
+    check_optimizer(cfg.optimizer)
+    check_scheduler(cfg.scheduler, cfg.optimizer, spec.trainer.epochs, steps_per_epoch=2)
+    check_loss(cfg.loss)
+    # overrides on top of a preset still apply (the command line comes last)
+    small = compose([f"+experiment={name}", "trainer.epochs=1", "model.width=8"] if "width" in cfg.model
+                    else [f"+experiment={name}", "trainer.epochs=1"])
+    assert validate(small).trainer.epochs == 1
+
+
+def test_sam_and_sgd_cifar_differ_only_in_the_optimizer(compose):
+    sam = OmegaConf.to_container(compose(["+experiment=sam_cifar"]), resolve=True)
+    sgd = OmegaConf.to_container(compose(["+experiment=sgd_cifar"]), resolve=True)
+    assert (sam["experiment"], sgd["experiment"]) == ("sam_cifar", "sgd_cifar")
+    assert (sam["optimizer"]["name"], sgd["optimizer"]["name"]) == ("sam", "sgd")
+    rest = lambda c: {k: v for k, v in c.items() if k not in ("optimizer", "experiment")}
+    assert rest(sam) == rest(sgd)
+    # the hyperparameters they share are equal, and SAM's base optimizer is SGD
+    assert sam["optimizer"]["base"] == "sgd"
+    shared = set(sam["optimizer"]) & set(sgd["optimizer"]) - {"name"}
+    assert shared >= {"lr", "momentum", "weight_decay", "nesterov"}
+    assert {k: sam["optimizer"][k] for k in shared} == {k: sgd["optimizer"][k] for k in shared}
+    # both are the published setting: ResNet-18 on CIFAR-10, 200 epochs, batch 128, lr 0.1 cosine
+    assert (sgd["model"]["name"], sgd["dataset"]["name"], sgd["trainer"]["epochs"]) == ("resnet18", "cifar10", 200)
+    assert (sgd["dataset"]["batch_size"], sgd["optimizer"]["lr"], sgd["scheduler"]["name"]) == (128, 0.1, "cosine")
+    assert signature(sam) != signature(sgd)
+    diff = {k for k, v in flatten(sam).items() if flatten(sgd).get(k, object()) != v}
+    assert diff <= {"experiment"} | {f"optimizer.{k}" for k in sam["optimizer"]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hydra's side
+
+
+def test_hydra_job_name_is_runner(compose):
+    cfg = compose(return_hydra_config=True)
+    assert cfg.hydra.job.name == "runner"
+    assert cfg.hydra.job.chdir is False
+
+
+def test_cfg_job_prints_the_config_and_exits_0(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "runner", "--cfg", "job", "optimizer=sam", "trainer.epochs=3"],
+                         cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = OmegaConf.create(out.stdout)
+    assert printed.optimizer.name == "sam" and printed.trainer.epochs == 3 and printed.dataset.name == "digits"
+    assert "hydra" not in printed
+    assert not (tmp_path / "outputs").exists()  # printing the config starts no run
+
+
+def test_cfg_hydra_shows_job_name_runner(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "runner", "--cfg", "hydra"], cwd=tmp_path, env=cli_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = OmegaConf.create(out.stdout)
+    assert printed.hydra.job.name == "runner"
