@@ -212,6 +212,7 @@ def _train_and_record(cfg: DictConfig, spec: Spec, device: torch.device, resume:
     def summary(status: str, error: str | None = None) -> dict:
         return {"status": status, "final": progress.final, "best": progress.best, "seed": spec.seed,
                 "epochs": progress.epoch, "steps": progress.step, "passes": progress.passes,
+                "passes_per_step": capabilities["passes_per_step"],
                 "wall_s": round(progress.wall_s, 3), "error": error, "experiment": spec.experiment,
                 "signature": sig, "resumed_from_epoch": resume["progress"]["epoch"] if resume else None,
                 "deterministic": spec.trainer.deterministic, "versions": versions(), "git": git,
@@ -229,8 +230,8 @@ def _train_and_record(cfg: DictConfig, spec: Spec, device: torch.device, resume:
 
     result = None
     try:
-        status = train(net, objective, optimizer, capabilities["passes_per_step"], scheduler, data, spec.trainer,
-                       device, progress, on_epoch, on_checkpoint)
+        status = train(net, objective, optimizer, scheduler, data, spec.trainer, device, progress, on_epoch,
+                       on_checkpoint)
         result = summary(status)
     except KeyboardInterrupt:
         result = summary("interrupted", "KeyboardInterrupt")

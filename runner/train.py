@@ -85,7 +85,7 @@ def evaluate(model: torch.nn.Module, batches: DeviceBatches, autocast) -> dict:
     return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
 
 
-def train(model, objective, optimizer, passes_per_step: int, scheduler, data: Data, cfg: TrainerConfig,
+def train(model, objective, optimizer, scheduler, data: Data, cfg: TrainerConfig,
           device: torch.device, progress: Progress, on_epoch, on_checkpoint) -> str:
     """Train from `progress.epoch` to `cfg.epochs`; returns the status: "completed" or "diverged".
 

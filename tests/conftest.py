@@ -40,26 +40,33 @@ def cli_env(tmp_path: Path, **extra: str) -> dict:
     return env
 
 
+def runner_process(tmp_path: Path, *args, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+                   prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m runner *args` (see `run_cli`); usable outside a test function (module fixtures)."""
+    args = [str(a) for a in args]
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")}
+    flags = any(a.startswith("--") for a in args)  # --cfg, --help, ...: Hydra prints and exits
+    multirun = "-m" in args or "--multirun" in args
+    if not multirun and not flags and "hydra.run.dir" not in keys:
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    if not flags and "logger" not in keys:
+        args.append("logger=none")
+    cmd = (prefix or [sys.executable, "-m", "runner"]) + args
+    return subprocess.run(cmd, cwd=str(cwd or tmp_path), env=cli_env(tmp_path, **(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture
 def run_cli(tmp_path):
-    """`run_cli(*args, cwd=tmp_path, env=None, timeout=300)` -> CompletedProcess of `python -m runner *args`.
+    """`run_cli(*args, cwd=tmp_path, env=None, timeout=300, prefix=None)` -> CompletedProcess.
 
-    Adds `hydra.run.dir=<tmp_path>/run` unless a run/sweep dir is given or `-m` is used, and `logger=none`
-    unless a logger is chosen. `env` entries are added to (or override) `cli_env`. `prefix` replaces
-    `[sys.executable, "-m", "runner"]` (e.g. a `python -c` wrapper).
+    Runs `python -m runner *args` in a subprocess, in tmp_path, with the repo on PYTHONPATH. Adds
+    `hydra.run.dir=<tmp_path>/run` unless a run dir is given or `-m` is used, and `logger=none` unless a logger
+    is chosen; wandb is offline and confined to tmp_path either way. `env` entries are added to (or override)
+    `cli_env`; `prefix` replaces `[sys.executable, "-m", "runner"]` (e.g. a `python -c` wrapper).
     """
 
-    def _run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
-             prefix: list[str] | None = None) -> subprocess.CompletedProcess:
-        args = [str(a) for a in args]
-        keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
-        multirun = "-m" in args or "--multirun" in args
-        if not multirun and "hydra.run.dir" not in keys and not any(a.startswith("--") for a in args):
-            args.append(f"hydra.run.dir={tmp_path / 'run'}")
-        if "logger" not in keys and not any(a.startswith("--") for a in args):
-            args.append("logger=none")
-        cmd = (prefix or [sys.executable, "-m", "runner"]) + args
-        return subprocess.run(cmd, cwd=str(cwd or tmp_path), env=cli_env(tmp_path, **(env or {})),
-                              capture_output=True, text=True, timeout=timeout)
+    def _run(*args, **kwargs) -> subprocess.CompletedProcess:
+        return runner_process(tmp_path, *args, **kwargs)
 
     return _run
