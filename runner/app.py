@@ -33,7 +33,7 @@ def task(cfg: DictConfig) -> str:
             summary = run(cfg, run_dir)
         except ConfigError as e:
             if not (run_dir / "metrics.jsonl").exists():  # nothing trained: leave no run dir behind
-                shutil.rmtree(run_dir, ignore_errors=True)
+                remove_failed_start(run_dir)
             fail(str(e))
         except RunBusy as e:
             fail(str(e))
@@ -60,6 +60,15 @@ def task(cfg: DictConfig) -> str:
         log.exception("failed: %s: %s", run_dir, e)
     record_job(sweep_dir, run_dir, status)
     return status
+
+
+def remove_failed_start(run_dir: Path) -> None:
+    """Delete the folder of a run that failed before training, but only when it holds nothing except what this
+    start put there (Hydra's .hydra/ and log, the run lock): `hydra.run.dir` may name a folder with the user's
+    files in it (even `.`), and those must survive a typo on the command line."""
+    ours = {".hydra", f"{HydraConfig.get().job.name}.log", ".lock"}
+    if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)

@@ -95,8 +95,9 @@ def read_checkpoint(path: Path) -> dict:
     """Load a runner checkpoint safely (weights_only); raises ValueError saying what is wrong with it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+    except Exception as e:  # torch's own text suggests weights_only=False: unsafe advice, not passed on
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, truncated or not a "
+                         "runner checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a runner checkpoint (format {CHECKPOINT_FORMAT})")
     return state
@@ -195,8 +196,11 @@ def _train_and_record(cfg: DictConfig, spec: Spec, device: torch.device, resume:
             model.load_state_dict(resume["model"])
             optimizer.load_state_dict(resume["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError("trainer.resume", message=f"checkpoint does not match this model/optimizer: "
-                                                        f"{str(e).strip().splitlines()[0]}") from None
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:240]
+            where = spec.trainer.resume or str(record.checkpoint_path)
+            raise ConfigError("trainer.resume", message=f"checkpoint {where} does not match this model/optimizer "
+                                                        f"(model={cfg.model.name}): {detail}") from None
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"], data.train.generator)
         progress = Progress(**resume["progress"])

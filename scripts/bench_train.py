@@ -28,16 +28,25 @@ How it is measured (one process, the same model and the same data for all three)
         images made from the same uint8 arrays, with torchvision RandomCrop(32, padding=4),
         RandomHorizontalFlip, ToTensor, Normalize (same mean/std); fp32 on the device, contiguous format, the same
         batch size, model and optimizer step as (b). 1 warm-up + N timed epochs.
+    Interleaving: (b) and (c) run from the runner's per-epoch hook (the bench wraps `RunDir.log`, which `run`
+    calls after `time/epoch_s` is taken and before the next epoch's clock starts), so after runner epoch k come
+    epoch k of (b) and of (c): all three see the same machine state within seconds. --rounds repeats the whole
+    thing (fresh run, fresh models; default 2), alternating the order of (b) and (c), and pools the timed epochs.
     On CUDA every pipeline runs with TF32 and cudnn.benchmark on (the runner's settings, set process-wide before
-    any pipeline) and each timed epoch ends with a synchronize. Torch's default thread count is used throughout.
-    Reported: the median s/epoch over the N timed epochs, images/s (train images / median), the ratio to (b).
+    any pipeline) and each timed epoch of (b), (c) starts and ends with a synchronize (the runner's epoch ends
+    with its `.item()`). Torch's default thread count is used throughout.
+    Reported: the median s/epoch over the timed epochs, images/s (train images / median), the ratio of medians
+    to (b) (the headline, judged against the targets), the median of the per-epoch paired ratios (epoch k of
+    one pipeline over epoch k of the other) and the fastest epoch. The 1-minute load average is printed at the
+    start and the end: on a shared machine, other processes scatter epoch times by several x; the paired ratio
+    is the most robust of the three then.
 
 Hardware
-    Printed at the top of each run (torch version, device name, CPU cores, torch threads). Results recorded in
-    docs/benchmarks.md (so far: a 2-core CPU machine without a GPU).
+    Printed at the top of each run: torch version, device name, CPU model, cores, torch threads, load average.
+    Results are recorded in docs/benchmarks.md (so far: a 2-core CPU machine without a GPU, torch 2.14.1).
 
 Usage
-    .venv/bin/python scripts/bench_train.py                      # CPU defaults: cnn, 4096 images, batch 512
+    .venv/bin/python scripts/bench_train.py                      # CPU defaults: cnn, 4096 images, batch 128
     .venv/bin/python scripts/bench_train.py --optimizer sam
     .venv/bin/python scripts/bench_train.py --quick              # smoke test: cnn, 2048 images, batch 128
     python scripts/bench_train.py --device cuda                  # GPU defaults: resnet18, 50000 images, batch 512
@@ -70,17 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "(default: resnet18 on CUDA, cnn on CPU)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "sam"))
     p.add_argument("--size", type=int, default=None, help="synthetic train images (default: 50000 CUDA, 4096 CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 512 (128 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 512 on CUDA (the dataset config's), 128 on CPU")
     p.add_argument("--epochs", type=int, default=None,
                    help="timed epochs per pipeline, after 1 warm-up epoch (default: 3; 2 with --quick)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default min(8, cpu_count))")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="repeat the three pipelines this many times, order alternating (ABC, CBA, ...); the timed "
-                        "epochs of all rounds are pooled (default 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="repeat the whole measurement (a fresh run and fresh models) this many times, alternating the "
+                        "order of (b) and (c); the timed epochs of all rounds are pooled (default 2; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke test (cnn, 2048, batch 128)")
-    p.add_argument("--only", default="runner,minimal,dataloader",
-                   help="comma-separated subset of pipelines to run (default all three)")
+    p.add_argument("--no-dataloader", action="store_true", help="skip (c), the DataLoader pipeline")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,12 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.size = args.size or 2048
         args.batch_size = args.batch_size or 128
         args.epochs = args.epochs or 2
+        args.rounds = args.rounds or 1
     args.model = args.model or ("resnet18" if gpu else "cnn")
     args.size = args.size or (50000 if gpu else 4096)
-    args.batch_size = args.batch_size or 512
+    args.batch_size = args.batch_size or (512 if gpu else 128)  # CPU: see docs/benchmarks.md (batch 512 page-faults)
     args.epochs = args.epochs or 3
+    args.rounds = args.rounds or 2
     args.workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.only = ["runner", "minimal"] + ([] if args.no_dataloader else ["dataloader"])
     if args.epochs < 1 or args.rounds < 1:
         p.error("--epochs and --rounds must be >= 1")
     return args
@@ -109,6 +119,14 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load() -> str:
+    """1-minute load average: other processes on the machine inflate and scatter the epoch times."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
 
 
 def hardware(device: torch.device) -> dict:
@@ -139,23 +157,6 @@ def compose(args, total_epochs: int):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------------- (a) runner
-def bench_runner(cfg, epochs: int) -> tuple[list[float], float]:
-    """Timed epochs (2..epochs+1 of epochs+2) from metrics.jsonl, and the final epoch's time (with evaluation)."""
-    from runner.run import run
-
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        summary = run(cfg, tmp)
-        if summary["status"] != "completed":
-            raise RuntimeError(f"runner run ended {summary['status']}: {summary.get('error')}")
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
-    times = {r["epoch"]: r["time/epoch_s"] for r in records if "time/epoch_s" in r}
-    assert sorted(times) == list(range(1, epochs + 3)), sorted(times)
-    for r in records:  # only the final epoch may carry an evaluation
-        assert ("test/acc" in r) == (r["epoch"] == epochs + 2), r
-    return [times[e] for e in range(2, epochs + 2)], times[epochs + 2]
 
 
 # ------------------------------------------------------------------------------------------- shared by (b), (c)
@@ -215,30 +216,37 @@ def autocast_factory(device: torch.device, bf16: bool):
 
 
 # -------------------------------------------------------------------------------------------------- (b) minimal
-def bench_minimal(cfg, data, device, epochs: int, gpu: bool) -> list[float]:
-    from runner.data import crop_flip
+class MinimalLoop:
+    """The same device tensors, randperm, crop_flip, normalize, forward/backward/step. `epoch()` -> seconds."""
 
-    model, opt = make_model_and_optimizer(cfg, data, device, channels_last=gpu)
-    model.train()
-    step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0), autocast_factory(device, gpu))
-    X, Y, bs = data.train.x, data.train.y, cfg.dataset.batch_size
-    mean, std = data.train.mean, data.train.std                        # (1, C, 1, 1), in 0..255 units
-    fmt = torch.channels_last if gpu else torch.contiguous_format
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    n, times = len(Y), []
-    for epoch in range(epochs + 1):
-        sync(device)
+    def __init__(self, cfg, data, device, gpu: bool):
+        model, opt = make_model_and_optimizer(cfg, data, device, channels_last=gpu)
+        model.train()
+        self.step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0),
+                            autocast_factory(device, gpu))
+        self.X, self.Y, self.bs = data.train.x, data.train.y, cfg.dataset.batch_size
+        self.mean, self.std = data.train.mean, data.train.std          # (1, C, 1, 1), in 0..255 units
+        self.fmt = torch.channels_last if gpu else torch.contiguous_format
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.device = device
+
+    def epoch(self) -> float:
+        from runner.data import crop_flip
+
+        X, Y, bs, n = self.X, self.Y, self.bs, len(self.Y)
+        sync(self.device)
         start = time.perf_counter()
-        order = torch.randperm(n, device=device, generator=gen)
+        order = torch.randperm(n, device=self.device, generator=self.gen)
         for i in range(0, n, bs):
             idx = order[i:i + bs]
-            x = crop_flip(X[idx], 4, gen)
-            x = ((x.float() - mean) / std).contiguous(memory_format=fmt)
-            step(x, Y[idx])
-        sync(device)
-        if epoch:
-            times.append(time.perf_counter() - start)
-    return times
+            x = crop_flip(X[idx], 4, self.gen)
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.fmt)
+            self.step(x, Y[idx])
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- (c) DataLoader
@@ -256,31 +264,85 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
-def bench_dataloader(cfg, data, device, epochs: int, workers: int, gpu: bool) -> list[float]:
-    import torchvision.transforms as T
+class LoaderLoop:
+    """torch DataLoader + torchvision transforms on the CPU, fp32 on the device. `epoch()` -> seconds."""
 
-    model, opt = make_model_and_optimizer(cfg, data, device, channels_last=False)
-    model.train()
-    step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0), autocast_factory(device, False))
-    mean = (data.train.mean / 255).flatten().tolist()
-    std = (data.train.std / 255).flatten().tolist()
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-    x = data.train.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) like CIFAR10.data
-    ds = PILDataset(x, data.train.y.cpu().numpy(), transform)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.dataset.batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=gpu, persistent_workers=workers > 0, drop_last=False,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    times = []
-    for epoch in range(epochs + 1):
-        sync(device)
+    def __init__(self, cfg, data, device, gpu: bool, workers: int):
+        import torchvision.transforms as T
+
+        model, opt = make_model_and_optimizer(cfg, data, device, channels_last=False)
+        model.train()
+        self.step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0),
+                            autocast_factory(device, False))
+        mean = (data.train.mean / 255).flatten().tolist()
+        std = (data.train.std / 255).flatten().tolist()
+        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(mean, std)])
+        x = data.train.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) like CIFAR10.data
+        ds = PILDataset(x, data.train.y.cpu().numpy(), transform)
+        self.loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.dataset.batch_size, shuffle=True, num_workers=workers, pin_memory=gpu,
+            persistent_workers=workers > 0, drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+        self.device = device
+
+    def epoch(self) -> float:
+        sync(self.device)
         start = time.perf_counter()
-        for xb, yb in loader:
-            step(xb.to(device, non_blocking=True), yb.to(device, non_blocking=True))
-        sync(device)
-        if epoch:
-            times.append(time.perf_counter() - start)
-    del loader
-    return times
+        for xb, yb in self.loader:
+            self.step(xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True))
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        del self.loader  # shuts the persistent workers down
+
+
+# ------------------------------------------------------------------------------- (a) runner, with (b), (c) paired
+def bench_round(cfg, data, device, args, gpu: bool, reverse: bool) -> tuple[dict, float]:
+    """One `run(cfg)` of 1 + N + 1 epochs; after each of its first N + 1 epochs, one epoch of each other loop.
+
+    The other loops run from the runner's per-epoch hook (`RunDir.log`, called after `time/epoch_s` has been
+    taken and before the next epoch's clock starts), so they never fall inside a runner epoch, and epoch k of
+    every pipeline runs within seconds of the others: load from other processes hits them alike.
+    Returns the timed epochs per pipeline (epoch 1 is warm-up everywhere) and the runner's final epoch time.
+    """
+    from runner.logging.rundir import RunDir
+    from runner.run import run
+
+    n = args.epochs
+    loops = {}
+    if "minimal" in args.only:
+        loops["minimal"] = MinimalLoop(cfg, data, device, gpu)
+    if "dataloader" in args.only:
+        loops["dataloader"] = LoaderLoop(cfg, data, device, gpu, args.workers)
+    order = list(loops)[::-1] if reverse else list(loops)
+    times = {k: [] for k in loops}
+    original_log = RunDir.log
+
+    def log_then_pair(self, record: dict) -> None:
+        original_log(self, record)
+        if record.get("epoch", n + 2) <= n + 1:
+            for k in order:
+                t = loops[k].epoch()
+                if record["epoch"] >= 2:
+                    times[k].append(t)
+
+    try:
+        RunDir.log = log_then_pair
+        with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+            summary = run(cfg, tmp)
+            if summary["status"] != "completed":
+                raise RuntimeError(f"runner run ended {summary['status']}: {summary.get('error')}")
+            records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
+    finally:
+        RunDir.log = original_log
+        for loop in loops.values():
+            loop.close()
+    epoch_s = {r["epoch"]: r["time/epoch_s"] for r in records if "time/epoch_s" in r}
+    assert sorted(epoch_s) == list(range(1, n + 3)), sorted(epoch_s)
+    for r in records:  # only the final epoch carries an evaluation
+        assert ("test/acc" in r) == (r["epoch"] == n + 2), r
+    return {"runner": [epoch_s[e] for e in range(2, n + 2)], **times}, epoch_s[n + 2]
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -296,7 +358,8 @@ def main(argv=None) -> dict:
     cfg, overrides = compose(args, total_epochs=args.epochs + 2)
     print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"torch {hw['torch']} (python {hw['python']}); device {hw['device']} ({hw['device_name']}); "
-          f"CPU {hw['cpu']}, {hw['cpu_cores']} cores, torch threads {hw['torch_threads']}")
+          f"CPU {hw['cpu']}, {hw['cpu_cores']} cores, torch threads {hw['torch_threads']}; "
+          f"load average {load()}")
     print(f"model={args.model} optimizer={args.optimizer} size={args.size} batch={args.batch_size} "
           f"timed epochs={args.epochs} (after 1 warm-up) workers={args.workers} "
           f"precision={'bf16 autocast + channels_last' if gpu else 'fp32'} (runner, minimal); fp32 (DataLoader)")
@@ -307,52 +370,50 @@ def main(argv=None) -> dict:
     spec = validate(cfg)
     data = build_data(spec.dataset, spec.seed, device, channels_last=gpu)  # the tensors the runner will build
 
-    runs = {"runner": lambda: bench_runner(cfg, args.epochs),
-            "minimal": lambda: bench_minimal(cfg, data, device, args.epochs, gpu),
-            "dataloader": lambda: bench_dataloader(cfg, data, device, args.epochs, args.workers, gpu)}
-    order = [k for k in runs if k in args.only]
-    results, finals = {k: [] for k in order}, []
-    for r in range(args.rounds):  # ABC, CBA, ABC, ...: slow drift and bursts of load hit all pipelines alike
-        for k in (order if r % 2 == 0 else order[::-1]):
-            times = runs[k]()
-            if k == "runner":
-                times, final = times
-                finals.append(final)
-            results[k] += times
-            print(f"  round {r + 1} {k:<10} " + " ".join(f"{t:.3f}" for t in times), flush=True)
+    results, finals = {}, []
+    for r in range(args.rounds):  # the other loops' order alternates between rounds
+        times, final = bench_round(cfg, data, device, args, gpu, reverse=r % 2 == 1)
+        finals.append(final)
+        for k, v in times.items():
+            results.setdefault(k, []).extend(v)
+            print(f"  round {r + 1} {k:<10} " + " ".join(f"{t:.3f}" for t in v), flush=True)
 
+    print(f"load average at the end: {load()} (on {os.cpu_count()} cores)")
     med = {k: statistics.median(v) for k, v in results.items()}
     low = {k: min(v) for k, v in results.items()}
+
+    def paired(a: str, b: str) -> float:
+        """Median over the timed epochs of a's epoch k / b's epoch k (run seconds apart: load largely cancels)."""
+        return statistics.median(x / y for x, y in zip(results[a], results[b]))
+
     names = {"runner": "(a) runner: `run(cfg)`",
              "minimal": "(b) minimal loop, device data + crop_flip",
              "dataloader": f"(c) DataLoader ({args.workers} workers) + torchvision, fp32"}
-    n_timed = args.epochs * args.rounds
     print()
-    print(f"| pipeline | s/epoch (median of {n_timed}) | images/s | / minimal | s/epoch (min) | / minimal (min) |")
+    print(f"| pipeline | s/epoch (median of {len(results['runner'])}) | images/s | / minimal | "
+          f"/ minimal (paired) | s/epoch (min) |")
     print("|---|---|---|---|---|---|")
     for k in results:
-        ratio = f"{med[k] / med['minimal']:.3f}" if "minimal" in med else "-"
-        ratio_min = f"{low[k] / low['minimal']:.3f}" if "minimal" in low else "-"
-        print(f"| {names[k]} | {med[k]:.3f} | {args.size / med[k]:,.0f} | {ratio} | {low[k]:.3f} | {ratio_min} |")
+        print(f"| {names[k]} | {med[k]:.3f} | {args.size / med[k]:,.0f} | {med[k] / med['minimal']:.3f} | "
+              f"{paired(k, 'minimal'):.3f} | {low[k]:.3f} |")
     print()
     kind = device.type
     out = {"hardware": hw, "args": vars(args), "epoch_s": results, "median_s": med, "min_s": low}
-    if "runner" in med:
-        final = statistics.median(finals)
-        print(f"runner's final epoch (with the test evaluation; not used): median {final:.3f} s, "
-              f"i.e. evaluation ~{final - med['runner']:.3f} s")
-    if "runner" in med and "minimal" in med:
-        r = med["runner"] / med["minimal"]
-        t = TARGET_RUNNER[kind]
-        print(f"runner / minimal     = {r:.3f}  (target <= {t:.2f} on {kind}: {'PASS' if r <= t else 'FAIL'}; "
-              f"on the min epochs: {low['runner'] / low['minimal']:.3f})")
-        out["runner_over_minimal"] = r
-    if "runner" in med and "dataloader" in med:
+    final = statistics.median(finals)
+    print(f"runner's final epoch (with the test evaluation; not used): median {final:.3f} s, "
+          f"i.e. evaluation ~{final - med['runner']:.3f} s")
+    r = med["runner"] / med["minimal"]
+    t = TARGET_RUNNER[kind]
+    print(f"runner / minimal     = {r:.3f}  (ratio of medians; target <= {t:.2f} on {kind}: "
+          f"{'PASS' if r <= t else 'FAIL'}) | paired {paired('runner', 'minimal'):.3f} | "
+          f"of the minima {low['runner'] / low['minimal']:.3f}")
+    out["runner_over_minimal"] = r
+    if "dataloader" in med:
         r = med["dataloader"] / med["runner"]
         t = TARGET_LOADER.get(kind)
         verdict = f"target >= {t:.0f} on {kind}: {'PASS' if r >= t else 'FAIL'}" if t else f"no target on {kind}"
-        print(f"DataLoader / runner  = {r:.3f}  ({verdict}; on the min epochs: "
-              f"{low['dataloader'] / low['runner']:.3f})")
+        print(f"DataLoader / runner  = {r:.3f}  (ratio of medians; {verdict}) | paired "
+              f"{paired('dataloader', 'runner'):.3f} | of the minima {low['dataloader'] / low['runner']:.3f}")
         out["dataloader_over_runner"] = r
     return out
 

@@ -21,8 +21,10 @@ CONF_DIR = REPO / "conf"
 def compose():
     """`compose(overrides=(), return_hydra_config=False)` -> the composed DictConfig of conf/config.yaml."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     def _compose(overrides=(), return_hydra_config: bool = False):
+        GlobalHydra.instance().clear()  # in case something before left Hydra initialized
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
@@ -35,7 +37,10 @@ def cli_env(tmp_path: Path, **extra: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb_dir"),
                WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
-               WANDB_DATA_DIR=str(tmp_path / "wandb_data"), PYTHONUNBUFFERED="1")
+               WANDB_DATA_DIR=str(tmp_path / "wandb_data"), PYTHONUNBUFFERED="1",
+               # one intra-op thread: the test models are tiny, and several torch processes spinning on a few
+               # shared cores (pytest's pool, other jobs) made a 0.4 s training take 9 s
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.update(extra)
     return env
 

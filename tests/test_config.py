@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +26,10 @@ from runner.signature import flatten, signature
 from runner.train import TrainerConfig
 
 try:
-    from tests.conftest import CONF_DIR, REPO, cli_env
+    from tests.conftest import CONF_DIR, cli_env
     from tests.fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from conftest import CONF_DIR, REPO, cli_env
+    from conftest import CONF_DIR, cli_env
     from fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
 
 #: The groups `runner.run.run` consumes; other folders of conf/ (experiment, launcher, sweep, ...) only
