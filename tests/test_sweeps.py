@@ -368,12 +368,16 @@ def test_two_single_runs_in_the_same_second_get_their_own_folders(tmp_path, spaw
 # ------------------------------------------------------------------------------------- 5. submitit_local
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_a_sweep(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+@pytest.mark.parametrize("launcher", ["submitit_local", "pool"])
+def test_process_launchers_run_a_sweep(tmp_path, launcher):
+    """submitit's local executor (the SLURM code path) and the local pool (one process per GPU, here CPU)."""
+    if launcher == "submitit_local":
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    extra = ["hydra.launcher.workers=2"] if launcher == "pool" else []
     sweep = tmp_path / "sweep"
-    result = cli(tmp_path, "-m", "launcher=submitit_local", "seed=0,1", "trainer.epochs=1",
+    result = cli(tmp_path, "-m", f"launcher={launcher}", *extra, "seed=0,1", "trainer.epochs=1",
                  f"hydra.sweep.dir={sweep}")
-    ok(result, "submitit_local sweep")
+    ok(result, f"{launcher} sweep")
     assert last_line(result.stderr) == "sweep: 2 completed"
     dirs = run_dirs(sweep)
     assert [d.name for d in dirs] == ["seed=0", "seed=1"]

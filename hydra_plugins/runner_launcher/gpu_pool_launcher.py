@@ -46,11 +46,16 @@ def _run_pickled(payload: bytes) -> bytes:
     return cloudpickle.dumps(launcher(*args))
 
 
-def _claim_gpu(queue) -> None:
-    """Worker initializer: take one GPU id for the life of this process (before CUDA is initialized)."""
+def _claim_gpu(queue, threads: int) -> None:
+    """Worker initializer: take one GPU id for the life of this process (before CUDA is initialized) and a
+    fair share of the CPU threads (torch's default, one per core in every worker, oversubscribes the CPU)."""
     gpu = queue.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 class GPUPoolLauncher(Launcher):
@@ -80,7 +85,8 @@ class GPUPoolLauncher(Launcher):
         for i in range(workers):
             queue.put(gpus[i % len(gpus)] if gpus else None)
         log.info("pool: %d jobs on %d worker(s), GPUs %s", len(job_overrides), workers, gpus or "none")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_claim_gpu, initargs=(queue,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_claim_gpu,
+                                 initargs=(queue, max(1, (os.cpu_count() or 1) // workers))) as pool:
             futures = []
             for i, overrides in enumerate(job_overrides):
                 log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))

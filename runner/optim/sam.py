@@ -35,20 +35,23 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self) -> None:
-        """Climb to w + e(w)."""
+        """Climb to w + e(w). Foreach ops: a few kernels for all tensors, not a few per tensor."""
         params = self._params()
         self._saved_w = paramspace.snapshot(params, into=self._saved_w if self._saved_w is not None
                                             and len(self._saved_w) == len(params) else None)
-        scaled = [(p.abs() * p.grad) if group["adaptive"] else p.grad          # T g
-                  for group in self.param_groups for p in group["params"] if p.grad is not None]
+        groups = [([p for p in g["params"] if p.grad is not None], g) for g in self.param_groups]
+        scaled = []                                                             # T g, per group
+        for ps, g in groups:
+            grads = [p.grad for p in ps]
+            scaled += torch._foreach_mul(torch._foreach_abs(ps), grads) if g["adaptive"] and ps else grads
         norm = paramspace.global_norm(scaled)                                   # ||T g||
-        for group in self.param_groups:
-            scale = group["rho"] / (norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                e_w = (p * p if group["adaptive"] else 1.0) * p.grad * scale.to(p)  # rho T² g / ||T g||
-                p.add_(e_w)
+        for ps, g in groups:
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
+            e_w = torch._foreach_mul(torch._foreach_mul(ps, ps), grads) if g["adaptive"] else grads  # T² g
+            e_w = torch._foreach_mul(e_w, g["rho"] / (norm + 1e-12))            # rho T² g / ||T g||
+            torch._foreach_add_(ps, e_w)
 
     @torch.no_grad()
     def second_step(self) -> None:
