@@ -287,6 +287,9 @@ def _format_value(value: Any) -> str:
 def _labels(groups: Sequence[Group]) -> list[str]:
     """`key=value ...` over the flattened keys whose values differ between groups.
 
+    Keys that exist only under some groups' option (e.g. `optimizer.rho` of sam beside sgd) are left out when
+    the option's `.name` differs too, so `optimizer=sgd,sam` reads `optimizer.name=sgd` / `optimizer.name=sam`.
+
     A single group is labelled by its experiment name, else by the `*.name` keys of its config. A label that
     would be empty (or repeat another) gets the signature appended, so labels always tell groups apart.
     """
@@ -300,6 +303,10 @@ def _labels(groups: Sequence[Group]) -> list[str]:
     keys = list(dict.fromkeys(k for f in flat for k in f))
     missing = object()
     differing = [k for k in keys if len({json.dumps(f.get(k, missing), default=repr) for f in flat}) > 1]
+    # a parameter that only some groups have, under a group option whose name differs (optimizer.rho when
+    # optimizer.name is sam in one group and sgd in another), is explained by that name: leave it out
+    differing = [k for k in differing
+                 if all(k in f for f in flat) or k.endswith(".name") or k.rpartition(".")[0] + ".name" not in differing]
     labels = [" ".join(f"{k}={_format_value(f[k])}" for k in differing if k in f) for f in flat]
     repeated = Counter(labels)
     return [
@@ -498,23 +505,25 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
 
 
 def plot_bars(groups: Sequence[Group], rows: Sequence[dict], metric: str, path: Path) -> None:
-    """Final `metric` per group (mean over completed seeds) as horizontal bars with 95% CI error bars."""
+    """Final `metric` per group: every completed seed as a dot, the mean with its 95% CI as an error bar.
+
+    The axis is zoomed to the data (bars from 0 would hide differences of a few tenths of a point).
+    """
     plt = _pyplot()
     stats = [row[f"final_{metric}"] for row in rows]
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(rows)))
     colors = plt.get_cmap("tab10")
-    y = np.arange(len(rows))
-    widths = [s.mean if s.mean is not None else np.nan for s in stats]
-    errors = [s.ci95 if s.ci95 is not None else 0.0 for s in stats]
-    ax.barh(y, widths, xerr=errors, capsize=4, color=[colors(i % 10) for i in range(len(rows))])
-    for i, s in enumerate(stats):
+    for i, (group, s) in enumerate(zip(groups, stats)):
+        seeds = _final_values(group.completed, metric)
+        ax.scatter(seeds, np.full(len(seeds), i + 0.18), s=12, color=colors(i % 10), alpha=0.6)
         if s.mean is not None:
-            ax.annotate(_num(s.mean), (s.mean + errors[i], i), xytext=(4, 0), textcoords="offset points",
+            ax.errorbar(s.mean, i, xerr=s.ci95 or 0.0, fmt="o", capsize=4, color=colors(i % 10))
+            ax.annotate(_num(s.mean), (s.mean + (s.ci95 or 0.0), i), xytext=(4, 0), textcoords="offset points",
                         va="center", fontsize="small")
-    ax.set_yticks(y, [f"{g.label} (n={s.n})" for g, s in zip(groups, stats)], fontsize="small")
+    ax.set_yticks(np.arange(len(rows)), [f"{g.label} (n={s.n})" for g, s in zip(groups, stats)], fontsize="small")
     ax.invert_yaxis()  # first group on top, as in the table
-    ax.set(xlabel=f"final {metric}", title=f"final {metric}: mean and 95% CI over seeds")
-    ax.margins(x=0.12)
+    ax.set(xlabel=f"final {metric}", title=f"final {metric}: seeds, mean and 95% CI")
+    ax.margins(x=0.15, y=0.3)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

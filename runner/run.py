@@ -9,11 +9,9 @@ import hashlib
 import logging
 import os
 import random
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

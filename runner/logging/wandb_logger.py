@@ -2,7 +2,8 @@
 
 Mode: `logger.mode`, else $WANDB_MODE, else "offline" (no account needed; `wandb sync <run_dir>/wandb/offline-run-*`
 uploads later). Runs are grouped by the config signature without the seed, so the dashboard shows the band over
-seeds; the run id is derived from the run directory, so a resumed run continues the same wandb run.
+seeds; job_type and the first tag are the experiment's name. The run id is derived from the run directory, so
+a resumed run continues the same wandb run.
 No API key is ever written by us; wandb reads it from its own login or $WANDB_API_KEY.
 """
 import os
@@ -17,7 +18,7 @@ class WandbLogger(Logger):
         self.wandb = wandb
         mode = mode or os.environ.get("WANDB_MODE") or "offline"
         self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(run_dir), config=config,
-                              name=name, group=group, job_type=job_type, tags=list(tags), id=run_id,
+                              name=name, group=group, job_type=job_type, tags=[job_type, *tags], id=run_id,
                               resume="allow", settings=wandb.Settings(console="off", quiet=True))
 
     def log(self, metrics: dict, step: int) -> None:
