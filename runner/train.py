@@ -22,7 +22,7 @@ from tqdm import tqdm
 from runner.config import check
 from runner.data import Data, DeviceBatches
 from runner.losses import measured_loss
-from runner.optim.bn import frozen_bn_stats
+from runner.optim.bn import FrozenBNStats
 
 
 @dataclass
@@ -95,6 +95,7 @@ def train(model, objective, optimizer, scheduler, data: Data, cfg: TrainerConfig
     autocast = autocast_for(device, cfg.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    frozen_bn = FrozenBNStats(model)  # for the passes after the first in multi-pass steps
     model.train()
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -106,7 +107,7 @@ def train(model, objective, optimizer, scheduler, data: Data, cfg: TrainerConfig
             def closure():
                 nonlocal calls, loss_sum, correct
                 optimizer.zero_grad(set_to_none=True)
-                with (frozen_bn_stats(model) if calls else contextlib.nullcontext()), autocast:
+                with (frozen_bn if calls else contextlib.nullcontext()), autocast:
                     logits = model(x)
                     loss = objective(logits, y)
                 loss.backward()

@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad
 
 from runner.optim import build_optimizer
-from runner.optim.bn import frozen_bn_stats
+from runner.optim.bn import FrozenBNStats
 from runner.optim.sam import SAM
 
 
@@ -108,7 +108,7 @@ def test_frozen_bn_stats_leaves_running_statistics_alone():
     bn.train()
     before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
     x = torch.randn(8, 3) * 5 + 2
-    with frozen_bn_stats(bn):
+    with FrozenBNStats(bn):
         out = bn(x)
     torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)  # still batch statistics
     for a, b in zip(before, (bn.running_mean, bn.running_var, bn.num_batches_tracked)):
@@ -116,3 +116,26 @@ def test_frozen_bn_stats_leaves_running_statistics_alone():
     assert bn.momentum == 0.1
     bn(x)
     assert not torch.equal(before[0], bn.running_mean)                            # restored afterwards
+
+
+def test_training_loop_updates_bn_running_stats_in_the_first_pass_only():
+    """One SAM step through the runner's loop: BN sees the same batch twice, folds it in once (closed form)."""
+    from runner.data import Data, DeviceBatches
+    from runner.train import Progress, TrainerConfig, train
+    from tasks.image_classification import Split
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
+    batches = DeviceBatches(Split(x, torch.randint(0, 3, (32,))), 32, (0.0,), (1.0,), shuffle=False, augment=False)
+    data = Data(train=batches, evals={}, num_classes=3, in_channels=1, image_size=2, noisy_fraction=0.0)
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 3))  # BN input does not depend on w
+    optimizer, _ = build_optimizer({"name": "sam", "rho": 0.5, "lr": 0.1}, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    progress = Progress()
+    status = train(model, nn.CrossEntropyLoss(), optimizer, scheduler, data, TrainerConfig(epochs=1, progress=False),
+                   torch.device("cpu"), progress, on_epoch=lambda record: None, on_checkpoint=lambda: None)
+    bn, flat = model[1], x.view(32, 4).float() / 255
+    assert status == "completed" and progress.passes == 2
+    torch.testing.assert_close(bn.running_mean, 0.1 * flat.mean(0))          # momentum 0.1, one update
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * flat.var(0))      # unbiased batch variance
+    assert bn.num_batches_tracked.item() == 1

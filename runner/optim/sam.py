@@ -10,7 +10,7 @@ Conventions (davda54/sam, the reference PyTorch port):
 - weight decay is applied by the base optimizer to g(w + e(w)) (coupled L2 for SGD), not in the perturbation;
 - after the second pass the weights are restored by copy, not by subtracting e(w);
 - BN running statistics: left to the caller's closure; the runner's loop freezes them in the second pass
-  (`runner.optim.bn.frozen_bn_stats`), so they are updated by the first pass only;
+  (`runner.optim.bn.FrozenBNStats`), so they are updated by the first pass only;
 - the loss returned by `step` is the one at w (first pass), as the closure protocol expects.
 `state_dict()` is the base optimizer's (momentum etc.); the saved weights are scratch, never checkpointed.
 """
