@@ -69,6 +69,13 @@ def remove_failed_start(run_dir: Path) -> None:
     ours = {".hydra", f"{HydraConfig.get().job.name}.log", ".lock"}
     if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        outputs = Path.cwd() / "outputs"  # the default layout outputs/<date>/<time>: drop what is left empty
+        for parent in (run_dir.parent, run_dir.parent.parent):
+            if parent.resolve().is_relative_to(outputs.resolve()):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
 
 main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)

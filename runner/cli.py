@@ -49,8 +49,9 @@ def check_launcher(argv: list[str]) -> None:
             fail(f"{arg} needs the SLURM extra, which is not installed: pip install -e '.[slurm]'")
 
 
-def validate_sweep(argv: list[str], max_jobs: int = 500) -> None:
-    """Compose and validate every job of a `-m` sweep before the first one starts (one line on error)."""
+def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
+    """Compose and validate every job (one for a single run, all of a `-m` sweep) before Hydra starts, so a
+    bad value is one line and no run directory is created."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -71,22 +72,24 @@ def validate_sweep(argv: list[str], max_jobs: int = 500) -> None:
         fail(str(e).splitlines()[0])
     if len(jobs) > max_jobs:
         return  # a huge sweep: Hydra's own per-job composition check still runs
+    where = (lambda job: f" (in sweep job: {' '.join(job)})") if len(jobs) > 1 else (lambda job: "")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
                 validate(compose("config", overrides=list(job)))
             except ConfigError as e:
-                fail(f"{e} (in sweep job: {' '.join(job)})")
+                fail(f"{e}{where(job)}")
             except (HydraException, OmegaConfBaseException) as e:
-                fail(f"{str(e).splitlines()[0]} (in sweep job: {' '.join(job)})")
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                fail(f"{' '.join(lines[:2])}{where(job)}")  # Hydra's first two lines: what and the fix
     GlobalHydra.instance().clear()
 
 
 def preflight_all(argv: list[str]) -> None:
-    """Everything checked before Hydra starts: group options, launcher extras, every job of a sweep."""
+    """Everything checked before Hydra starts: group options, launcher extras, the config of every job."""
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve") for a in argv):
         return
     preflight(argv)
     check_launcher(argv)
-    if "-m" in argv or "--multirun" in argv:
-        validate_sweep(argv)
+    if not any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
+        validate_jobs(argv)  # another primary config: Hydra and run() still validate

@@ -32,6 +32,7 @@ from runner.train import Progress, TrainerConfig, train
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+TOP_LEVEL_KEYS = {"seed", "experiment", "dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger"}
 
 
 @dataclass
@@ -55,6 +56,9 @@ def validate(cfg: DictConfig) -> Spec:
         if group not in resolved:
             raise ConfigError(group, message=f"config group '{group}' is missing: add {group}=<option>")
         registry.validate(resolved[group])
+    unknown = sorted(set(resolved) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], resolved[unknown[0]], "top-level keys " + ", ".join(sorted(TOP_LEVEL_KEYS)))
     seed = resolved.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError("seed", seed, "an integer >= 0")

@@ -279,6 +279,7 @@ def bad_inputs(tmp_path_factory):
         "resume-other-model": (["model=cnn", f"trainer.resume={mlp_checkpoint}"], ["checkpoint", "does not match"]),
         "typo-key": (["+optimizer.rhoo=1"], ["optimizer.rhoo"]),
         "typo-key-sam": (["optimizer=sam", "+optimizer.rhoo=1"], ["optimizer.rhoo", "rho"]),
+        "unknown-top-level-key": (["+trainer_epochs=3"], ["trainer_epochs", "top-level keys"]),
         # hydra.run.dir is a folder that already holds the user's files: they must survive the failed start
         "existing-run-dir": (["optimizer.lr=0"], ["optimizer.lr", "0"]),
     }
@@ -300,7 +301,7 @@ def bad_inputs(tmp_path_factory):
 
 BAD = ["unknown-option", "unknown-experiment", "negative-lr", "negative-rho", "zero-batch", "label-noise-above-1",
        "lr-not-a-number", "cuda-missing", "cifar-missing", "resume-garbage", "resume-other-model", "typo-key",
-       "typo-key-sam", "existing-run-dir"]
+       "typo-key-sam", "unknown-top-level-key", "existing-run-dir"]
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, needles) -> str:
