@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from omegaconf import DictConfig, OmegaConf
+
 #: Dotted keys that do not define the experiment; a key removes its whole subtree.
 IGNORED_KEYS: tuple[str, ...] = (
     "seed",
@@ -28,13 +30,8 @@ IGNORED_KEYS: tuple[str, ...] = (
 
 def _to_dict(cfg: Any) -> dict:
     """A plain (resolved) dict from a dict or an OmegaConf DictConfig."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
 
 

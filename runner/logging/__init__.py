@@ -9,18 +9,21 @@ LOGGERS = Registry("logger")
 
 
 class Logger:
-    """A dashboard sink. `finish` is always called, also when training raises."""
+    """A dashboard sink; this base class is `logger=none` (the run directory holds everything).
+
+    `finish` is always called, also when training raises.
+    """
 
     def log(self, metrics: dict, step: int) -> None:
-        pass
+        """Send one epoch's metrics (already in metrics.jsonl)."""
 
     def finish(self, summary: dict) -> None:
-        pass
+        """Close the dashboard run with the summary (already in summary.json)."""
 
 
 @dataclass
 class NoLoggerConfig:
-    pass
+    """`logger=none` takes no parameters."""
 
 
 @LOGGERS.register("none", NoLoggerConfig, "local files only")
