@@ -15,11 +15,6 @@ def trainable(params: Iterable[torch.Tensor] | torch.nn.Module) -> list[torch.Te
     return [p for p in params if p.requires_grad]
 
 
-def grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of `params`, zeros where a gradient is missing."""
-    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-
-
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """||concat(tensors)||_2 as a 0-d tensor on the tensors' device (no host sync)."""
     if not tensors:

@@ -47,8 +47,7 @@ class SweepCallback(Callback):
 
 def new_launch() -> str:
     """An id for this invocation, inherited by jobs in other processes (submitit, the GPU pool) via the env."""
-    launch = os.environ.setdefault(LAUNCH_ENV, uuid.uuid4().hex[:12])
-    return launch
+    return os.environ.setdefault(LAUNCH_ENV, uuid.uuid4().hex[:12])
 
 
 def launch_log(sweep_dir: str | Path, launch: str) -> Path:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from runner import paramspace
 from runner.config import check
 from runner.data import Data, DeviceBatches
 from runner.losses import measured_loss
@@ -93,7 +94,7 @@ def train(model, objective, optimizer, scheduler, data: Data, cfg: TrainerConfig
     `on_checkpoint()` is called when a checkpoint is due.
     """
     autocast = autocast_for(device, cfg.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = paramspace.trainable(model)
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     frozen_bn = FrozenBNStats(model)  # for the passes after the first in multi-pass steps
     model.train()
