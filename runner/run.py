@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config import ConfigError, structured
 from runner.data import DatasetConfig, build_data
 from runner.logging import LOGGERS, build_logger
-from runner.logging.rundir import RunDir, command_line, device_name, git_state, versions
+from runner.rundir import RunDir, command_line, device_name, git_state, versions
 from runner.losses import LOSSES, build_loss
 from runner.models import MODELS, build_model
 from runner.optim import OPTIMIZERS, build_optimizer
@@ -173,7 +173,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         if resume is None:
             record.truncate_metrics(0)  # a run that died before its first checkpoint starts over
         else:
-            record.truncate_metrics(resume["progress"]["epoch"])
+            record.truncate_metrics(resume["progress"]["step"])
         return _train_and_record(cfg, spec, device, resume, record)
     finally:
         lock.release()

@@ -306,7 +306,7 @@ def bench_round(cfg, data, device, args, gpu: bool, reverse: bool) -> tuple[dict
     every pipeline runs within seconds of the others: load from other processes hits them alike.
     Returns the timed epochs per pipeline (epoch 1 is warm-up everywhere) and the runner's final epoch time.
     """
-    from runner.logging.rundir import RunDir
+    from runner.rundir import RunDir
     from runner.run import run
 
     n = args.epochs

@@ -1,7 +1,15 @@
-"""The run directory contract (DESIGN.md): metrics.jsonl, summary.json, checkpoints/, provenance.
+"""The run directory (DESIGN.md), written and read here only: the trainer, the report and the analyses use
+these names and these readers.
+
+    .hydra/config.yaml   the resolved config (written by Hydra)
+    metrics.jsonl        one JSON object per log event
+    summary.json         status, final/best metrics, provenance (written at the end and on failure)
+    checkpoints/         last.pt and prev.pt (atomic writes; prev.pt is the fallback for a torn last.pt)
+    analysis/            arrays (.npz), figures (.png), numbers (.json)
 
 Every write that a reader may see half-done (summary, checkpoints) goes to a temp file and is renamed over
-the target, which is atomic on POSIX: a reader sees the old file or the new one, never a torn one.
+the target, which is atomic on POSIX: a reader sees the old file or the new one, never a torn one. Readers are
+tolerant: a missing or half-written file reads as None / no records, because runs are read while they run.
 """
 import json
 import math
@@ -14,7 +22,17 @@ from pathlib import Path
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = Path(".hydra") / "config.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+PREVIOUS_CHECKPOINT = "prev.pt"
+ANALYSIS = "analysis"
+LOCK = ".lock"
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -39,10 +57,12 @@ class RunDir:
     def __init__(self, path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.summary_path = self.path / "summary.json"
-        self.checkpoint_path = self.path / "checkpoints" / "last.pt"
-        self.previous_checkpoint_path = self.path / "checkpoints" / "prev.pt"
+        self.metrics_path = self.path / METRICS
+        self.summary_path = self.path / SUMMARY
+        self.config_path = self.path / CONFIG
+        self.checkpoint_path = self.path / CHECKPOINTS / LAST_CHECKPOINT
+        self.previous_checkpoint_path = self.path / CHECKPOINTS / PREVIOUS_CHECKPOINT
+        self.analysis_path = self.path / ANALYSIS
 
     def log(self, record: dict) -> None:
         """Append one event (a JSON object) to metrics.jsonl and flush it, so a crash loses nothing logged."""
@@ -54,7 +74,16 @@ class RunDir:
         atomic_write_bytes(self.summary_path, lambda tmp: Path(tmp).write_text(text))
 
     def read_summary(self) -> dict | None:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.exists() else None
+        """summary.json, or None while there is none (or it cannot be read)."""
+        return read_json(self.summary_path)
+
+    def read_metrics(self) -> list[dict]:
+        """The records of metrics.jsonl (broken lines skipped)."""
+        return read_jsonl(self.metrics_path)
+
+    def read_config(self) -> dict | None:
+        """The resolved config Hydra saved, or None."""
+        return read_yaml(self.config_path)
 
     def save_checkpoint(self, state: dict) -> None:
         """Write last.pt atomically, keeping the one before as prev.pt (the fallback if last.pt is corrupt)."""
@@ -62,14 +91,54 @@ class RunDir:
             os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         atomic_write_bytes(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
 
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop events logged after `last_epoch` (a resumed run logs them again)."""
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop events logged after step `last_step` (a resumed run logs them again) and broken lines."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+        kept = [json.dumps(r) for r in self.read_metrics() if r.get("step", 0) <= last_step]
         text = "".join(line + "\n" for line in kept)
         atomic_write_bytes(self.metrics_path, lambda tmp: Path(tmp).write_text(text))
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file() or (Path(path) / CONFIG).is_file()
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (e.g. being written)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_yaml(path: Path) -> dict | None:
+    """The mapping in a YAML file, or None when it is missing or unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, skipping blank and broken lines (a run may be mid-write)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def versions() -> dict:
