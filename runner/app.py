@@ -24,7 +24,7 @@ register_resolvers()
 
 def task(cfg: DictConfig) -> str:
     """One job: a plain module-level function, so launchers in other processes can pickle it."""
-    from runner.run import RunBusy, failed_summary, run  # after Hydra parsed the command line: --help stays fast
+    from runner.run import ForeignRunDir, RunBusy, failed_summary, run  # after Hydra parsed the command line
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -51,6 +51,9 @@ def task(cfg: DictConfig) -> str:
     except RunBusy as e:
         status = "busy"
         log.warning("%s", e)
+    except ForeignRunDir as e:  # another run's folder: its record stays as it is
+        status = "failed"
+        log.error("failed: %s", e)
     except ConfigError as e:
         status = "failed"
         failed_summary(run_dir, str(e))

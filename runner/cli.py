@@ -60,7 +60,7 @@ def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from runner.config import ConfigError
-    from runner.run import validate
+    from runner.spec import validate
 
     # hydra.* and launcher choices do not change a job's config; they need plugins compose() does not load
     task_args = [a for a in argv if "=" in a and not a.startswith("-")
@@ -73,16 +73,57 @@ def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
     if len(jobs) > max_jobs:
         return  # a huge sweep: Hydra's own per-job composition check still runs
     where = (lambda job: f" (in sweep job: {' '.join(job)})") if len(jobs) > 1 else (lambda job: "")
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    # where each job's run folder will be: hydra.run/sweep/job settings from the command line count
+    folder_args = [a for a in argv if a.lstrip("+~").startswith(("hydra.run.", "hydra.sweep.", "hydra.job."))]
+    folders: dict = {}
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
-                validate(compose("config", overrides=list(job)))
+                spec = validate(compose("config", overrides=list(job)))
+                if multirun or any(a.lstrip("+").startswith("hydra.run.dir=") for a in folder_args):
+                    folder = run_folder(compose("config", overrides=[*job, *folder_args], return_hydra_config=True),
+                                        multirun)
+                    check_folder(folder, spec, job, folders.setdefault(folder, job))
             except ConfigError as e:
                 fail(f"{e}{where(job)}")
             except (HydraException, OmegaConfBaseException) as e:
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 fail(f"{' '.join(lines[:2])}{where(job)}")  # Hydra's first two lines: what and the fix
     GlobalHydra.instance().clear()
+
+
+def run_folder(cfg, multirun: bool) -> Path:
+    """The run directory Hydra will give this composed job (with its hydra node)."""
+    from runner.sweep import register_resolvers
+
+    register_resolvers()
+    if multirun:
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    return Path(str(cfg.hydra.run.dir))
+
+
+def check_folder(folder: Path, spec, job, first_job) -> None:
+    """Refuse a job whose run folder another job of this command takes, or that holds another run's record:
+    one job's record must never replace another's."""
+    from runner.config import ConfigError
+    from runner.rundir import RunDir
+    from runner.signature import signature
+
+    if first_job is not job:
+        mine = dict(o.split("=", 1) for o in job if "=" in o)
+        theirs = dict(o.split("=", 1) for o in first_job if "=" in o)
+        differ = sorted(k for k in {*mine, *theirs} if mine.get(k) != theirs.get(k)) or ["nothing"]
+        raise ConfigError("sweep", message=(
+            f"jobs `{' '.join(first_job)}` and `{' '.join(job)}` would share the run folder {folder}: they differ "
+            f"only in {', '.join(differ)}, which does not define the experiment (runner/spec.py NON_IDENTITY_KEYS), "
+            f"so one record would replace the other; run them as separate commands with another hydra.sweep.dir"))
+    summary = RunDir(folder, create=False).read_summary() if folder.is_dir() else None
+    sig = signature(spec.resolved)
+    if summary and ((summary.get("signature") not in (None, sig)) or summary.get("seed") not in (None, spec.seed)):
+        raise ConfigError("hydra.run.dir", message=(
+            f"{folder} holds another run (signature {summary.get('signature')}, seed {summary.get('seed')}; this "
+            f"job: signature {sig}, seed {spec.seed}); it is left as it is: choose another folder"))
 
 
 def preflight_all(argv: list[str]) -> None:

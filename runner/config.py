@@ -79,14 +79,55 @@ class Registry:
             raise ConfigError(f"{self.group}.name", name, ", ".join(self.names()))
         return self._entries[name]
 
-    def validate(self, node: DictConfig | dict) -> tuple[Entry, Any]:
-        """Check one group's node against its schema: returns (entry, dataclass instance of the params)."""
-        node = OmegaConf.create(node) if isinstance(node, dict) else node
-        if "name" not in node:
-            raise ConfigError(f"{self.group}.name", None, ", ".join(self.names()))
-        entry = self.get(node.name)
-        params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "name"}
-        return entry, structured(entry.schema, params, prefix=self.group)
+    def validate(self, node: DictConfig | dict, prefix: str | None = None) -> "Choice":
+        """Check one group's node against its schema: returns the Choice (entry + validated params).
+
+        A schema may validate nested choices itself (a wrapper optimizer's `base`): it defines
+        `validate_nested(prefix)`, called after its own fields are checked.
+        """
+        prefix = prefix or self.group
+        if isinstance(node, DictConfig):
+            node = OmegaConf.to_container(node, resolve=True)
+        if not isinstance(node, dict) or "name" not in node:
+            raise ConfigError(f"{prefix}.name", None, ", ".join(self.names()))
+        if node["name"] not in self._entries:
+            raise ConfigError(f"{prefix}.name", node["name"], ", ".join(self.names()))
+        entry = self._entries[node["name"]]
+        params = structured(entry.schema, {k: v for k, v in node.items() if k != "name"}, prefix=prefix)
+        if hasattr(params, "validate_nested"):
+            params.validate_nested(prefix)
+        return Choice(entry, params)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One validated option of a group: the registry entry and its parameters (a schema dataclass instance)."""
+
+    entry: Entry
+    params: Any
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def kwargs(self) -> dict:
+        """The parameters as keyword arguments of the entry's builder (shallow: nested choices stay Choices)."""
+        return {f.name: getattr(self.params, f.name) for f in dataclasses.fields(self.params)}
+
+    def build(self, *args, **context):
+        return self.entry.build(*args, **context, **self.kwargs)
+
+
+class Checked:
+    """Base of schemas assembled from mixins: `__post_init__` runs every class's own `check(self)` in MRO order,
+    so each mixin (lr, momentum, betas, ...) checks its fields in one place."""
+
+    def __post_init__(self):
+        for klass in reversed(type(self).__mro__):
+            own = vars(klass).get("check")
+            if own is not None:
+                own(self)
 
 
 def structured(schema: type, params: dict, prefix: str) -> Any:

@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
-import yaml
+import scipy.stats
 
+from runner.rundir import CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml
 from runner.signature import flatten, group_config, signature
 
-SUMMARY = "summary.json"
-CONFIG = Path(".hydra") / "config.yaml"
-METRICS = "metrics.jsonl"
 STATUSES = ("completed", "diverged", "failed")  # anything else counts as "other"
 
 
@@ -43,26 +41,11 @@ class ReportError(Exception):
 
 # ----------------------------------------------------------------------------------------------- statistics
 
-#: Two-sided 95% quantiles of Student's t, t_{0.975}(df), for df = 1..30 (standard table values).
-T_975 = (
-    12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)
-Z_975 = 1.959964
-
-
 def t_975(df: int) -> float:
-    """t_{0.975}(df): the table for df <= 30, beyond it the Cornish-Fisher expansion around z = 1.96.
-
-    The expansion (two terms) matches the table to 4 digits at df = 30 and tends to 1.96 as df grows.
-    """
+    """t_{0.975}(df), the two-sided 95% quantile of Student's t with `df` degrees of freedom."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = Z_975
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    return float(scipy.stats.t.ppf(0.975, df))
 
 
 class Stat(NamedTuple):
@@ -88,41 +71,6 @@ def describe(values: Iterable[float]) -> Stat:
 
 # ----------------------------------------------------------------------------------------------------- runs
 
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None when it is missing or unreadable (e.g. being written)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_yaml(path: Path) -> dict | None:
-    """The mapping in a YAML file, or None when it is missing or unreadable."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, skipping blank and broken lines (a run may be mid-write)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -137,12 +85,8 @@ class Run:
 
     @classmethod
     def load(cls, path: Path) -> "Run":
-        """Read a run directory; a summary without config falls back on the summary's `group` config."""
-        summary = _read_json(path / SUMMARY)
-        config = _read_yaml(path / CONFIG)
-        if config is None:
-            config = dict((summary or {}).get("group") or {})
-        return cls(path, config, summary)
+        """Read a run directory; a run without `.hydra/config.yaml` has an empty config."""
+        return cls(path, read_yaml(path / CONFIG) or {}, read_json(path / SUMMARY))
 
     @cached_property
     def signature(self) -> str:
@@ -169,7 +113,7 @@ class Run:
     @cached_property
     def metrics(self) -> list[dict]:
         """The records of metrics.jsonl (empty when there is none)."""
-        return _read_jsonl(self.path / METRICS)
+        return read_jsonl(self.path / METRICS)
 
     def final_value(self, key: str) -> float | None:
         """`key` in the summary's `final`, else its last value in metrics.jsonl (None when never logged)."""
@@ -207,10 +151,6 @@ def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in ("loss", "err", "sharpness", "time"))
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / SUMMARY).is_file() or (path / CONFIG).is_file()
-
-
 def find_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
     """Every run directory at or below the given folders, in path order, each once.
 
@@ -234,7 +174,7 @@ def _walk_run_dirs(root: Path) -> Iterable[Path]:
     """Run directories under `root`; does not descend into a run or into `.hydra`."""
     for dirpath, dirnames, _ in os.walk(root):
         here = Path(dirpath)
-        if _is_run_dir(here):
+        if is_run_dir(here):
             dirnames[:] = []
             yield here
             continue

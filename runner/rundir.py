@@ -53,16 +53,29 @@ def _json_safe(value):
     return value
 
 
+BEST_CHECKPOINT = "best.pt"
+
+
 class RunDir:
-    def __init__(self, path):
+    """One run's folder. `RunDir(path)` creates it (the trainer); `RunDir.existing(path)` only reads."""
+
+    def __init__(self, path, create: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / METRICS
         self.summary_path = self.path / SUMMARY
         self.config_path = self.path / CONFIG
         self.checkpoint_path = self.path / CHECKPOINTS / LAST_CHECKPOINT
         self.previous_checkpoint_path = self.path / CHECKPOINTS / PREVIOUS_CHECKPOINT
+        self.best_checkpoint_path = self.path / CHECKPOINTS / BEST_CHECKPOINT
         self.analysis_path = self.path / ANALYSIS
+
+    @classmethod
+    def existing(cls, path) -> "RunDir":
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"no run directory at {path}")
+        return cls(path, create=False)
 
     def log(self, record: dict) -> None:
         """Append one event (a JSON object) to metrics.jsonl and flush it, so a crash loses nothing logged."""
@@ -90,6 +103,9 @@ class RunDir:
         if self.checkpoint_path.exists():
             os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         atomic_write_bytes(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def save_best_checkpoint(self, state: dict) -> None:
+        atomic_write_bytes(self.best_checkpoint_path, lambda tmp: torch.save(state, tmp))
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop events logged after step `last_step` (a resumed run logs them again) and broken lines."""

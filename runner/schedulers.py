@@ -2,7 +2,6 @@
 
 All share an optional linear warmup from 0 over `warmup_epochs` (fractional epochs allowed).
 """
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List
@@ -76,7 +75,6 @@ def multistep(total_steps: int, steps_per_epoch: int, milestones, gamma: float, 
     return lambda step: _warmup(step, warm) * gamma ** sum(step >= s for s in at)
 
 
-def build_scheduler(node, optimizer, epochs: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    entry, cfg = SCHEDULERS.validate(node)
-    factor = entry.build(epochs * steps_per_epoch, steps_per_epoch, **dataclasses.asdict(cfg))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def build_scheduler(choice, optimizer, total_steps: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The validated `scheduler` choice as a per-step LambdaLR over `total_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, choice.build(total_steps, steps_per_epoch))

@@ -1,8 +1,10 @@
 """Experiment signatures: which runs are repetitions (seeds) of the same experiment.
 
 Two runs belong to the same experiment when their resolved configs agree on every key except the ones in
-`IGNORED_KEYS` (the seed, where the data lives, which device ran it, how it was logged). `signature` hashes
-what is left into a short hex string that the trainer stores in `summary.json` and the report groups by.
+`runner.spec.NON_IDENTITY_KEYS` (the seed, where the data lives, which device ran it, how it was logged).
+Keys added to the config later (`runner.spec.ADDED_KEYS`) count only when they differ from the value that
+reproduces the old behaviour, so runs made before they existed keep their signature. `signature` hashes what is
+left into a short hex string that names the run folder, is stored in `summary.json` and groups the report.
 """
 from __future__ import annotations
 
@@ -13,19 +15,10 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from runner.spec import ADDED_KEYS, NON_IDENTITY_KEYS
+
 #: Dotted keys that do not define the experiment; a key removes its whole subtree.
-IGNORED_KEYS: tuple[str, ...] = (
-    "seed",
-    "dataset.root",
-    "dataset.download",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.resume",
-    "trainer.checkpoint_every",
-    "logger",
-    "hydra",
-    "run_dir",
-)
+IGNORED_KEYS: tuple[str, ...] = (*NON_IDENTITY_KEYS, "hydra")
 
 
 def _to_dict(cfg: Any) -> dict:
@@ -35,16 +28,20 @@ def _to_dict(cfg: Any) -> dict:
     return dict(cfg)
 
 
-def _remove(cfg: dict, dotted: str) -> None:
-    """Delete `dotted` (e.g. `dataset.root`) from the nested dict `cfg` in place, if present."""
+_ANY = object()
+
+
+def _remove(cfg: dict, dotted: str, only_if: Any = _ANY) -> None:
+    """Delete `dotted` (e.g. `dataset.root`) from the nested dict `cfg` in place, if present (and, when
+    `only_if` is given, only when its value equals it)."""
     *parents, last = dotted.split(".")
     node: Any = cfg
     for part in parents:
         if not isinstance(node, Mapping) or part not in node:
             return
         node = node[part]
-    if isinstance(node, dict):
-        node.pop(last, None)
+    if isinstance(node, dict) and last in node and (only_if is _ANY or node[last] == only_if):
+        node.pop(last)
 
 
 def group_config(cfg: Mapping | Any) -> dict:
@@ -52,6 +49,8 @@ def group_config(cfg: Mapping | Any) -> dict:
     out = copy.deepcopy(_to_dict(cfg))
     for key in IGNORED_KEYS:
         _remove(out, key)
+    for key, old_behaviour in ADDED_KEYS.items():
+        _remove(out, key, only_if=old_behaviour)
     return out
 
 

@@ -76,7 +76,7 @@ def tally() -> tuple[dict, list[str]] | None:
         for line in path.read_text().splitlines() if path.exists() else []:
             job = json.loads(line)
             counts[job["status"]] = counts.get(job["status"], 0) + 1
-            if job["status"] in ("failed", "invalid"):
+            if job["status"] == "failed":
                 failed.append(job["run_dir"])
     return counts, failed
 

@@ -1,36 +1,47 @@
-"""The one training loop. It owns the step; every optimizer is driven through `step(closure)`.
+"""The one training loop. It owns the step (`optimizer.step(closure)`, runner/step.py) and a clock that counts
+steps and epochs; everything else happens at cadence points on that clock, through callbacks.
 
 What is fast and why:
-- data lives on the device (runner/data.py); a step is an index, a gather and the model;
-- metrics accumulate in device tensors and are read once per epoch: an `.item()` per step would make the
-  host wait for the GPU every step;
+- data lives on the device (runner/data.py); a step is an index, a gather, the task's transform and the model;
+- metrics accumulate in device tensors and are read only at cadence points: an `.item()` per step would make
+  the host wait for the GPU every step. A full-batch task (one step per epoch) therefore sets
+  `trainer.eval_every_steps`: records, evaluations and host syncs then happen every N steps, not every epoch;
 - on CUDA: bf16 autocast (no loss scaling needed), channels_last, TF32 matmuls, optional torch.compile.
-A multi-pass method (SAM) calls the closure several times per step; BN running statistics are updated by the
-first pass only (runner/optim/bn.py) and train metrics are taken from the first pass, at the weights w.
-A non-finite training loss ends the run as `diverged` at the end of that epoch, keeping what was logged.
+
+The clock. Training length is `trainer.steps` when set, else `trainer.epochs` epochs. At each step the loop asks
+every callback whether it is due (`Cadence`: every N steps, every N epochs, at the end: integer arithmetic, no
+sync). When any is due, one record is made: `step`, `epoch` (fractional mid-epoch), train metrics since the last
+record, `lr`, `passes`, the due callbacks' metrics (evaluation, and, next, analyses), `time/epoch_s` at epoch
+ends; it goes to metrics.jsonl and the dashboard. Without `eval_every_steps` there is a record at every epoch end
+and an evaluation every `eval_every` epochs (and at the end). Checkpoints are written at epoch ends every
+`checkpoint_every` epochs and at the end, so a resumed run restarts at an epoch boundary, exactly.
+A non-finite training loss ends the run as `diverged` at the next record, keeping what was logged.
 """
+from __future__ import annotations
+
 import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import torch
 from tqdm import tqdm
 
 from runner import paramspace
 from runner.config import check
-from runner.data import Data, DeviceBatches
-from runner.losses import measured_loss
 from runner.optim.bn import FrozenBNStats
+from runner.step import StepClosure
 
 
 @dataclass
 class TrainerConfig:
     """Schema of `conf/trainer/*.yaml`."""
-    epochs: int = 20
-    eval_every: int = 1
+    epochs: Optional[int] = 20
+    steps: Optional[int] = None                # when set, the training length in steps (instead of epochs)
+    eval_every: int = 1                        # epochs
+    eval_every_steps: Optional[int] = None     # when set: record + evaluate every N steps instead of per epoch
     grad_clip: Optional[float] = None
     device: str = "auto"
     precision: str = "auto"
@@ -39,27 +50,79 @@ class TrainerConfig:
     deterministic: bool = False
     progress: Optional[bool] = None
     checkpoint_every: int = 1
+    save_best: bool = False
     resume: Optional[str] = None
 
     def __post_init__(self):
-        check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        check(self.epochs is not None or self.steps is not None, "epochs", self.epochs,
+              ">= 1 (or set trainer.steps)")
+        check(self.epochs is None or self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        check(self.steps is None or self.steps >= 1, "steps", self.steps, "null or >= 1")
         check(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
+        check(self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps",
+              self.eval_every_steps, "null or >= 1")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "null or > 0")
         check(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
               self.device, "auto, cpu, cuda, cuda:N")
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32, bf16")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
 
 @dataclass
 class Progress:
     """Where training stands; saved in checkpoints so a resumed run continues exactly."""
-    epoch: int = 0
+    epoch: int = 0      # completed epochs
     step: int = 0
-    passes: int = 0
+    passes: float = 0   # forward+backward passes over a batch
     wall_s: float = 0.0
     final: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a callback runs: every N steps, every N epochs (at epoch ends), and/or at the end of training."""
+    every_steps: Optional[int] = None
+    every_epochs: Optional[int] = None
+    at_end: bool = True
+
+    def due(self, step: int, epoch: int, epoch_end: bool, final: bool) -> bool:
+        return bool((final and self.at_end) or (self.every_steps and step % self.every_steps == 0)
+                    or (epoch_end and self.every_epochs and epoch % self.every_epochs == 0))
+
+
+class Callback:
+    """Something done at cadence points: gets the experiment and the progress, returns metrics for the record
+    (e.g. `{"test/acc": ...}` or `{"hessian/lambda_max": ...}`). It may sync the host; it must not change the
+    training state (weights, BN statistics, optimizer, data order)."""
+    cadence: Cadence = Cadence()
+
+    def __call__(self, experiment, progress: Progress) -> dict:
+        raise NotImplementedError
+
+
+class Evaluate(Callback):
+    """Metrics of the task over every evaluation split (`val/...`, `test/...`), in eval mode."""
+
+    def __init__(self, cadence: Cadence, net: torch.nn.Module, autocast):
+        self.cadence, self.net, self.autocast = cadence, net, autocast
+
+    def __call__(self, experiment, progress: Progress) -> dict:
+        out = {}
+        for split, batches in experiment.task.evals.items():
+            for key, value in evaluate(self.net, batches, experiment.task.metrics, self.autocast).items():
+                out[f"{split}/{key}"] = value
+        return out
+
+
+class Sink(Protocol):
+    """Where the loop's results go (runner/run.py writes the run directory and the dashboard)."""
+    def record(self, metrics: dict) -> None: ...
+    def checkpoint(self) -> None: ...
+    def best(self) -> None: ...
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -70,87 +133,112 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: DeviceBatches, autocast) -> dict:
-    """Plain cross-entropy and accuracy over a split (eval mode), with one host sync at the end."""
+def evaluate(model: torch.nn.Module, batches, metrics, autocast) -> dict:
+    """The task's metrics over a split (eval mode), with one host sync at the end."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=batches.y.device)
-    correct = torch.zeros((), device=batches.y.device, dtype=torch.long)
-    for x, y in batches:
+    sums = metrics.zeros(batches.y.device)
+    for batch in batches:
         with autocast:
-            logits = model(x)
-        loss_sum += measured_loss(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+            logits = model(batch.x)
+        metrics.update(sums, logits, batch.y)
     model.train(was_training)
-    n = batches.num_samples
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+    return metrics.compute(sums, batches.num_samples)
 
 
-def train(model, objective, optimizer, scheduler, data: Data, cfg: TrainerConfig,
-          device: torch.device, progress: Progress, on_epoch, on_checkpoint) -> str:
-    """Train from `progress.epoch` to `cfg.epochs`; returns the status: "completed" or "diverged".
-
-    `on_epoch(record)` receives each epoch's metrics (one dict with step, epoch, train/*, test/*, lr, ...);
-    `on_checkpoint()` is called when a checkpoint is due.
-    """
+def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callback] = ()) -> str:
+    """Train from `progress` to the configured length; returns the status: "completed" or "diverged"."""
+    cfg, task, device = experiment.spec.trainer, experiment.task, experiment.device
+    optimizer, scheduler = experiment.optimizer, experiment.scheduler
+    steps_per_epoch = len(task.train)
+    total = cfg.total_steps(steps_per_epoch)
+    epochs_shown = math.ceil(total / steps_per_epoch)
     autocast = autocast_for(device, cfg.precision)
-    params = paramspace.trainable(model)
+    net = torch.compile(experiment.model) if cfg.compile else experiment.model
+    params = paramspace.trainable(experiment.model)
+    frozen_bn = FrozenBNStats(experiment.model)  # for the passes after the first in multi-pass steps
+    zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
+    per_sample = experiment.capabilities.per_sample_loss
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    frozen_bn = FrozenBNStats(model)  # for the passes after the first in multi-pass steps
-    model.train()
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)                    # read once per epoch
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for x, y in tqdm(data.train, desc=f"epoch {epoch}/{cfg.epochs}", disable=not show, leave=False):
-            calls = 0
 
-            def closure():
-                nonlocal calls, loss_sum, correct
-                optimizer.zero_grad(set_to_none=True)
-                with (frozen_bn if calls else contextlib.nullcontext()), autocast:
-                    logits = model(x)
-                    loss = objective(logits, y)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-                if calls == 0:  # train metrics at w, from the first pass
-                    with torch.no_grad():
-                        loss_sum += measured_loss(logits.detach(), y, reduction="sum")
-                        correct += (logits.detach().argmax(1) == y).sum()
-                calls += 1
-                return loss
+    if cfg.eval_every_steps is not None:   # records on the step clock (full-batch tasks, long epochs)
+        train_cadence = Cadence(every_steps=cfg.eval_every_steps)
+        callbacks = [Evaluate(Cadence(every_steps=cfg.eval_every_steps), net, autocast), *callbacks]
+    else:                                  # a record per epoch, evaluation every eval_every epochs
+        train_cadence = Cadence(every_epochs=1)
+        callbacks = [Evaluate(Cadence(every_epochs=cfg.eval_every), net, autocast), *callbacks]
 
+    sums = task.metrics.zeros(device)      # train metrics since the last record, read at records only
+    seen = 0
+    update = lambda logits, y: task.metrics.update(sums, logits, y)  # noqa: E731  (reads `sums` when called)
+    mark = time.perf_counter()
+    experiment.model.train()
+    while progress.step < total:
+        epoch = progress.epoch + 1
+        epoch_start = time.perf_counter()
+        batches = tqdm(task.train, desc=f"epoch {epoch}/{epochs_shown}", disable=not show, leave=False)
+        for i, batch in enumerate(batches):
+            closure = StepClosure(net, experiment.objective, batch.x, batch.y, autocast=autocast,
+                                  frozen_bn=frozen_bn, params=params, zero_grad=zero_grad,
+                                  grad_clip=cfg.grad_clip, on_first_pass=update, indices=batch.index,
+                                  per_sample=per_sample)
             optimizer.step(closure)
             scheduler.step()
             progress.step += 1
-            progress.passes += calls
-        n = data.train.num_samples
-        train_loss = loss_sum.item() / n                              # the epoch's one host sync
-        record = {"step": progress.step, "epoch": epoch, "train/loss": train_loss,
-                  "train/acc": correct.item() / n, "lr": scheduler.get_last_lr()[0], "passes": progress.passes}
-        diverged = not math.isfinite(train_loss)
-        if not diverged and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            for split, batches in data.evals.items():
-                for key, value in evaluate(model, batches, autocast).items():
-                    record[f"{split}/{key}"] = value
-        elapsed = time.perf_counter() - start
-        record["time/epoch_s"] = elapsed
-        progress.wall_s += elapsed
-        progress.epoch = epoch
-        if "test/acc" in record:
-            progress.final = {k: v for k, v in record.items() if "/" in k and not k.startswith("time/")}
-            if not progress.best or record["test/acc"] > progress.best["test/acc"]:
-                progress.best = {"test/acc": record["test/acc"], "epoch": epoch}
-        if diverged:
-            progress.final = {k: v for k, v in record.items() if k.startswith("train/")}
-        on_epoch(record)
-        if show:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train/", "test/")))
-            tqdm.write(f"epoch {epoch}/{cfg.epochs} {shown}", file=sys.stderr)
-        if diverged:
-            return "diverged"
-        if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch != cfg.epochs:
-            on_checkpoint()
-    on_checkpoint()
+            progress.passes += closure.passes
+            seen += len(batch.y)
+            epoch_end, final = i == steps_per_epoch - 1, progress.step >= total
+            if epoch_end:
+                progress.epoch = epoch
+            due_train = train_cadence.due(progress.step, progress.epoch, epoch_end, final)
+            due = [cb for cb in callbacks if cb.cadence.due(progress.step, progress.epoch, epoch_end, final)]
+            if not (due_train or due):
+                continue
+            record = {"step": progress.step,
+                      "epoch": progress.epoch if epoch_end else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
+            diverged = False
+            if due_train and seen:
+                for key, value in task.metrics.compute(sums, seen).items():   # the record's host sync
+                    record[f"train/{key}"] = value
+                diverged = not math.isfinite(record["train/loss"])
+                sums, seen = task.metrics.zeros(device), 0
+            record.update(lr=scheduler.get_last_lr()[0], passes=progress.passes)
+            if not diverged:
+                for callback in due:
+                    record.update(callback(experiment, progress))
+            now = time.perf_counter()
+            if epoch_end:
+                record["time/epoch_s"] = now - epoch_start
+            progress.wall_s += now - mark
+            mark = now
+            improved = _track(progress, record, task, diverged)
+            sink.record(record)
+            if show:
+                shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train/", "val/", "test/")))
+                tqdm.write(f"step {progress.step} epoch {record['epoch']}/{epochs_shown} {shown}", file=sys.stderr)
+            if diverged:
+                return "diverged"
+            if improved and cfg.save_best:
+                sink.best()
+            if final:
+                break
+            if epoch_end and cfg.checkpoint_every and progress.epoch % cfg.checkpoint_every == 0:
+                sink.checkpoint()
+    sink.checkpoint()
     return "completed"
+
+
+def _track(progress: Progress, record: dict, task, diverged: bool) -> bool:
+    """Update `final` (the last evaluation) and `best` (of the task's main metric); True when best improved."""
+    if diverged:
+        progress.final = {k: v for k, v in record.items() if k.startswith("train/")}
+        return False
+    metric = task.main_metric
+    if metric not in record:
+        return False
+    progress.final = {k: v for k, v in record.items() if "/" in k and not k.startswith("time/")}
+    value, best = record[metric], progress.best.get(metric)
+    if best is None or (value > best if task.higher_is_better else value < best):
+        progress.best = {metric: value, "epoch": record["epoch"], "step": record["step"]}
+        return True
+    return False

@@ -1,4 +1,10 @@
-"""Raw image-classification data as uint8 tensors on the CPU, plus seeded split / subset / label-noise helpers.
+"""Image classification: the first task plugin. Datasets digits (bundled), CIFAR-10/100, MNIST, Fashion-MNIST and
+synthetic, each registered in `TASKS` under the name of its `conf/dataset/<name>.yaml`.
+
+The raw data is loaded as uint8 tensors on the CPU, subset / validation split / label noise are taken (all
+seeded), then every split moves to the training device, where batches are augmented (random crop + flip) and
+normalized per batch (`ImageTransform`). Normalization comes after augmentation, so crop padding is black (0)
+as in torchvision's `RandomCrop(32, padding=4)` followed by `Normalize`.
 
 Conventions:
 - Every dataset is stored the same way: `x` is uint8 (N, C, H, W) with values 0..255, `y` is int64 (N,).
@@ -10,16 +16,51 @@ Conventions:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 from urllib.error import URLError
 
 import torch
+import torch.nn.functional as F
 
-from runner.config import ConfigError
+from runner.config import ConfigError, check
+from runner.data import DeviceBatches
+from tasks import TASKS, ImageInput, Task
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
+
+
+@dataclass
+class ImageDatasetParams:
+    """Schema of `conf/dataset/<name>.yaml` for the image datasets."""
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    val_size: float = 0.0             # 0 = none; in (0, 1) a fraction of train; >= 1 a count
+    subset: Optional[int] = None
+    label_noise: float = 0.0
+    augment: bool = False
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        check(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)), "val_size",
+              self.val_size, "0, a fraction in (0, 1) or a whole count")
+        check(self.subset is None or self.subset >= 1, "subset", self.subset, "null or >= 1")
+        check(0.0 <= self.label_noise <= 1.0, "label_noise", self.label_noise, "[0, 1]")
+
+
+@dataclass
+class SyntheticParams(ImageDatasetParams):
+    synthetic_size: int = 50000
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.synthetic_size >= 5, "synthetic_size", self.synthetic_size, ">= 5")
 
 
 @dataclass
@@ -154,7 +195,7 @@ def split_train_val(split: Split, val_size: int | float, seed: int, key: str = "
     return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
 
 
-def subset(split: Split, n: int, seed: int, key: str = "n") -> Split:
+def take_subset(split: Split, n: int, seed: int, key: str = "n") -> Split:
     """The first `n` examples of a permutation seeded by `seed` (their order is that permutation's)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(split):
         raise ConfigError(key, n, f"an integer between 1 and {len(split)} (the size of the split)")
@@ -182,3 +223,75 @@ def symmetric_label_noise(y: torch.Tensor, rate: float, num_classes: int, seed: 
     shift = torch.randint(1, max(num_classes, 2), y.shape, generator=gen)  # 1..C-1: never the true class
     noisy = torch.where(flipped, (y + shift) % num_classes, y)
     return noisy, flipped
+
+
+def crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding `pad` and random horizontal flip, per image, as one gather.
+
+    x: (B, C, H, W) -> (B, C, H, W) (a channels_last view: the gather produces (B, H, W, C)).
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))                                      # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
+    rows = dy + torch.arange(h, device=dev)                                      # (B, H)
+    cols = dx + torch.arange(w, device=dev)                                      # (B, W)
+    flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(b, device=dev)[:, None, None]
+    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]                   # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class ImageTransform:
+    """uint8 (B, C, H, W) -> float, optionally crop (padding 4) + flip, then normalized per channel."""
+
+    def __init__(self, mean, std, device: torch.device, *, augment: bool, channels_last: bool):
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if self.augment:
+            x = crop_flip(x, 4, generator)
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def build_image_task(name: str, *, seed: int, device: torch.device, channels_last: bool = False,
+                     with_indices: bool = False, root: str, download: bool, batch_size: int, eval_batch_size: int,
+                     val_size: float, subset: Optional[int], label_noise: float, augment: bool,
+                     synthetic_size: int = 50000) -> Task:
+    """Load dataset `name`, take a subset / validation split / label noise (all seeded), move it to `device`."""
+    raw = load_image_data(name, root, download, synthetic_size=synthetic_size, seed=seed)
+    train, evals = raw.train, {}
+    if subset is not None:
+        train = take_subset(train, subset, seed)
+    if val_size > 0:
+        train, evals["val"] = split_train_val(train, val_size if val_size < 1 else int(val_size), seed)
+    noisy_fraction = 0.0
+    if label_noise > 0:
+        noisy, flipped = symmetric_label_noise(train.y, label_noise, raw.num_classes, seed)
+        train, noisy_fraction = Split(train.x, noisy), flipped.float().mean().item()
+    evals["test"] = raw.test
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    def batches(split: Split, size: int, *, train_split: bool) -> DeviceBatches:
+        transform = ImageTransform(raw.mean, raw.std, device, augment=augment and train_split,
+                                   channels_last=channels_last)
+        return DeviceBatches(split.x.to(device), split.y.to(device), size, shuffle=train_split,
+                             generator=generator if train_split else None, transform=transform,
+                             with_indices=with_indices and train_split)
+
+    return Task(train=batches(train, batch_size, train_split=True),
+                evals={split_name: batches(split, eval_batch_size, train_split=False)
+                       for split_name, split in evals.items()},
+                input=ImageInput(raw.in_channels, raw.image_size, tuple(raw.mean), tuple(raw.std)),
+                num_classes=raw.num_classes, info={"label_noise_fraction": noisy_fraction})
+
+
+for _name in DATASETS:
+    TASKS.register(_name, SyntheticParams if _name == "synthetic" else ImageDatasetParams,
+                   f"image classification on {_name}", input="image")(functools.partial(build_image_task, _name))

@@ -1,5 +1,8 @@
-"""Where a run's numbers go: the run directory (always) and a dashboard logger chosen by `conf/logger/`."""
-import dataclasses
+"""Where a run's numbers go: the run directory (always) and a dashboard logger chosen by `conf/logger/`.
+
+A logger's builder is called with its parameters and the run's context: run_dir, config (the resolved dict),
+name, group, job_type, run_id.
+"""
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -49,8 +52,3 @@ def wandb_logger(**kwargs) -> Logger:
 
     return WandbLogger(**kwargs)
 
-
-def build_logger(node, **context) -> Logger:
-    """`context`: run_dir, config (resolved dict), name, group, job_type, run_id."""
-    entry, cfg = LOGGERS.validate(node)
-    return entry.build(**dataclasses.asdict(cfg), **context)

@@ -1,37 +1,17 @@
-"""Training objectives: `nn.Module`s taking `(logits, targets)`, registered by the name in `conf/loss/<name>.yaml`.
+"""Training objectives, one file per loss, registered by the name of `conf/loss/<name>.yaml`.
+
+A loss is an `nn.Module` called as `loss(logits, targets)` -> the batch mean; `loss(logits, targets,
+reduction="none")` gives the per-sample values (methods that select or reweight samples need them). Its builder
+gets what it needs to know about the task: `build(num_classes=..., **params)`.
 
 The objective shapes training only. Reported losses (train/loss, test/loss), landscapes and Hessians use
 `measured_loss`, plain mean cross-entropy, so numbers stay comparable across objectives.
 """
-import dataclasses
-from dataclasses import dataclass
-
-import torch.nn as nn
 import torch.nn.functional as F
 
-from runner.config import Registry, check
+from runner.config import Registry
 
 LOSSES = Registry("loss")
-
-
-@dataclass
-class CrossEntropyConfig:
-    label_smoothing: float = 0.0  # torch convention: (1 - s) * onehot + s / num_classes
-
-    def __post_init__(self):
-        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "[0, 1)")
-
-
-@LOSSES.register("cross_entropy", CrossEntropyConfig)
-class CrossEntropy(nn.Module):
-    """Softmax cross-entropy with optional label smoothing (Szegedy et al. 2016), torch's convention."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits, targets):
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
 
 def measured_loss(logits, targets, reduction: str = "mean"):
@@ -39,6 +19,4 @@ def measured_loss(logits, targets, reduction: str = "mean"):
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
-def build_loss(node) -> nn.Module:
-    entry, params = LOSSES.validate(node)
-    return entry.build(**dataclasses.asdict(params))
+from runner.losses import cross_entropy  # noqa: E402,F401  (import registers the losses)

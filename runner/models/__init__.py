@@ -1,28 +1,22 @@
-"""The model zoo: `conf/model/<file>.yaml` -> `nn.Module`.
+"""The model zoo: `conf/model/<file>.yaml` -> `nn.Module`, one file per architecture.
 
 Each model registers a schema dataclass under its YAML `name` in `MODELS`; its builder is called as
-`build(num_classes=..., in_channels=..., image_size=..., **params)`. Capabilities recorded per entry:
-`batchnorm` (the model has BatchNorm layers, which matters for SAM's second forward pass).
+`build(input=<the task's InputSpec>, num_classes=..., **params)`, so it sizes itself from what the task declares
+(tasks/__init__.py) without knowing the task. Capabilities declared per entry and read by the code:
+`inputs` (the input kinds it accepts; `validate()` refuses a dataset whose input it cannot take) and
+`batchnorm` (it has BatchNorm layers, which matters for multi-pass steps).
 """
-import dataclasses
-from typing import Any, Tuple
-
-from torch import nn
-
-from runner.config import Entry, Registry
+from runner.config import ConfigError, Registry
 
 MODELS = Registry("model")
 
+
+def image_shape(input, model: str) -> tuple[int, int]:
+    """(channels, size) of an image input; a ConfigError naming the model for any other input."""
+    if getattr(input, "kind", None) != "image":
+        raise ConfigError("model.name", message=f"model={model} needs image input; this dataset gives "
+                                                f"{getattr(input, 'kind', input)} (use model=mlp)")
+    return input.channels, input.size
+
+
 from runner.models import cnn, mlp, resnet, wrn  # noqa: E402,F401  (import registers the models)
-
-
-def validate_model(cfg_node) -> Tuple[Entry, Any]:
-    """Check a `model` config node before any work: returns (entry, params dataclass); raises ConfigError."""
-    return MODELS.validate(cfg_node)
-
-
-def build_model(cfg_node, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """Validate `cfg_node` and build the model for inputs of shape (N, in_channels, image_size, image_size)."""
-    entry, params = validate_model(cfg_node)
-    return entry.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                       **dataclasses.asdict(params))

@@ -10,7 +10,7 @@ from typing import List
 from torch import nn
 
 from runner.config import check
-from runner.models import MODELS
+from runner.models import MODELS, image_shape
 
 
 @dataclass
@@ -25,9 +25,10 @@ class CNNParams:
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0 <= dropout < 1")
 
 
-@MODELS.register("cnn", CNNParams, batchnorm=True)
-def build_cnn(num_classes: int, in_channels: int, image_size: int, width: int, blocks: int, dropout: float) -> nn.Module:
+@MODELS.register("cnn", CNNParams, batchnorm=True, inputs=("image",))
+def build_cnn(input, num_classes: int, width: int, blocks: int, dropout: float) -> nn.Module:
     """Small conv-BN-ReLU network with global average pooling."""
+    in_channels, image_size = image_shape(input, "cnn")
     check(image_size >= 2 ** (blocks - 1), "image_size", image_size, f">= {2 ** (blocks - 1)} for {blocks} blocks")
     layers: List[nn.Module] = []
     c_in = in_channels

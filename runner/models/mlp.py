@@ -1,15 +1,39 @@
-"""Multi-layer perceptron: flatten -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear.
+"""Multi-layer perceptron: input -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear.
 
-Sized for small inputs such as the 8x8 sklearn digits (64 features); expects float input.
+Works on any input a task declares, without knowing the task: images and feature vectors are flattened
+(8x8 digits: 64 features); token sequences are one-hot encoded and concatenated (the pair (a, b) of modular
+arithmetic: one-hot(a) ‖ one-hot(b), as in the grokking papers' MLPs).
 PyTorch's default Linear initialization (Kaiming-uniform), as in most MLP baselines.
 """
 from dataclasses import dataclass, field
 from typing import List
 
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from runner.config import check
 from runner.models import MODELS
+
+
+class OneHotFlatten(nn.Module):
+    """int64 tokens (N, L) -> float (N, L * vocab): the one-hot codes of the L tokens, concatenated."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(tokens, self.vocab).flatten(1).float()
+
+
+def flat_input(input) -> tuple[nn.Module, int]:
+    """The layer that turns one sample of `input` into a flat float vector, and that vector's width."""
+    if input.kind == "tokens":
+        return OneHotFlatten(input.vocab), input.length * input.vocab
+    return nn.Flatten(), math.prod(input.shape)
 
 
 @dataclass
@@ -22,11 +46,11 @@ class MLPParams:
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "0 <= dropout < 1")
 
 
-@MODELS.register("mlp", MLPParams, batchnorm=False)
-def build_mlp(num_classes: int, in_channels: int, image_size: int, hidden: List[int], dropout: float) -> nn.Module:
-    """MLP on flattened pixels, ReLU hidden layers with optional dropout."""
-    layers: List[nn.Module] = [nn.Flatten()]
-    width = in_channels * image_size * image_size
+@MODELS.register("mlp", MLPParams, batchnorm=False, inputs=("image", "features", "tokens"))
+def build_mlp(input, num_classes: int, hidden: List[int], dropout: float) -> nn.Module:
+    """MLP on flattened (or one-hot) inputs, ReLU hidden layers with optional dropout."""
+    first, width = flat_input(input)
+    layers: List[nn.Module] = [first]
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
         if dropout > 0:

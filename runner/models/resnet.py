@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runner.config import check
-from runner.models import MODELS
+from runner.models import MODELS, image_shape
 
 
 @dataclass
@@ -64,7 +64,8 @@ class ResNet18(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@MODELS.register("resnet18", ResNetParams, batchnorm=True)
-def build_resnet18(num_classes: int, in_channels: int, image_size: int, width: int) -> nn.Module:
+@MODELS.register("resnet18", ResNetParams, batchnorm=True, inputs=("image",))
+def build_resnet18(input, num_classes: int, width: int) -> nn.Module:
     """ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    in_channels, _ = image_shape(input, "resnet18")
     return ResNet18(num_classes, in_channels, width)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from runner.config import check
-from runner.models import MODELS
+from runner.models import MODELS, image_shape
 
 
 @dataclass
@@ -77,7 +77,8 @@ class WideResNet(nn.Module):
         return self.f(x)
 
 
-@MODELS.register("wrn", WRNParams, batchnorm=True)
-def build_wrn(num_classes: int, in_channels: int, image_size: int, depth: int, width_factor: int, dropout: float) -> nn.Module:
+@MODELS.register("wrn", WRNParams, batchnorm=True, inputs=("image",))
+def build_wrn(input, num_classes: int, depth: int, width_factor: int, dropout: float) -> nn.Module:
     """Wide ResNet WRN-depth-width_factor with pre-activation blocks."""
+    in_channels, _ = image_shape(input, "wrn")
     return WideResNet(depth, width_factor, dropout, in_channels, num_classes)

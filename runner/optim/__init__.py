@@ -1,92 +1,65 @@
-"""Optimizers by the name in `conf/optimizer/<name>.yaml`, with their capabilities declared.
+"""Optimizers, one file per method, registered by the name of `conf/optimizer/<name>.yaml`.
 
-Every optimizer is a `torch.optim.Optimizer` driven by `step(closure)` (torch's closure protocol), so the one
-training loop drives them all. `passes_per_step` is the number of forward+backward passes one step costs.
+Every optimizer is a `torch.optim.Optimizer` driven by the loop as `optimizer.step(closure)` (runner/step.py has
+the closure's contract). Each entry declares its capabilities; the loop reads them (`capabilities(choice)`):
+- `passes_per_step`: forward+backward passes over the batch a step costs (the loop also counts the real ones);
+- `sample_indices`: the closure must carry the batch's sample indices (per-sample selection, e.g. ESAM);
+- `per_sample_loss`: the closure must keep the per-sample objective of each pass.
+
+Wrappers (SAM and kin) take a base optimizer by name. Two spellings, both validated recursively against the
+base's own schema:
+- flat (`optimizer.base=sgd optimizer.lr=0.1`): the wrapper's hyperparameters lr, momentum, nesterov, betas,
+  eps, weight_decay are handed to the base where its schema has them (the others are ignored, e.g. momentum for
+  an adamw base), so a sweep `optimizer=sgd,sam optimizer.lr=0.1` means the same lr for both;
+- nested (`optimizer.base={name: adamw, lr: 1e-3}`): the base's own node; values it does not set are still
+  taken from the wrapper's flat hyperparameters.
 """
+from __future__ import annotations
+
 import dataclasses
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from runner.config import Registry, check
-from runner.optim.sam import SAM
+from runner.config import Choice, Registry
 
 OPTIMIZERS = Registry("optimizer")
 
-
-def _check_common(cfg) -> None:
-    check(cfg.lr > 0, "lr", cfg.lr, "> 0")
-    check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, ">= 0")
-    if hasattr(cfg, "momentum"):
-        check(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "[0, 1)")
-    if hasattr(cfg, "betas"):
-        check(len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas), "betas", list(cfg.betas),
-              "two numbers in [0, 1)")
+#: Hyperparameters a wrapper hands to its base (flat spelling).
+SHARED = ("lr", "momentum", "nesterov", "betas", "eps", "weight_decay")
 
 
-@dataclass
-class SGDConfig:
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-
-    def __post_init__(self):
-        _check_common(self)
-        check(not self.nesterov or self.momentum > 0, "nesterov", self.nesterov, "false when momentum is 0")
+@dataclass(frozen=True)
+class Capabilities:
+    """What an optimizer needs from the loop and what a step costs; declared at registration."""
+    passes_per_step: float = 1
+    sample_indices: bool = False
+    per_sample_loss: bool = False
 
 
-@OPTIMIZERS.register("sgd", SGDConfig, "SGD with momentum; coupled L2 weight decay", passes_per_step=1)
-def sgd(params, **cfg) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, **cfg)
+def capabilities(choice: Choice) -> Capabilities:
+    return Capabilities(**choice.entry.capabilities)
 
 
 @dataclass
-class AdamWConfig:
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+class Wraps:
+    """Schema mixin of a wrapper: `base` is the base optimizer, a name or a node (validated into a Choice)."""
+    base: Any = "sgd"
 
-    def __post_init__(self):
-        _check_common(self)
-        check(self.eps > 0, "eps", self.eps, "> 0")
-
-
-@OPTIMIZERS.register("adamw", AdamWConfig, "AdamW (Loshchilov & Hutter 2019); decoupled weight decay",
-                     passes_per_step=1)
-def adamw(params, betas, **cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, betas=tuple(betas), **cfg)
+    def validate_nested(self, prefix: str) -> None:
+        node = {"name": self.base} if isinstance(self.base, str) else dict(self.base or {})
+        if "name" in node and node["name"] in OPTIMIZERS:
+            fields = {f.name for f in dataclasses.fields(OPTIMIZERS.get(node["name"]).schema)}
+            for key in SHARED:
+                if key in fields and key not in node and hasattr(self, key):
+                    node[key] = getattr(self, key)
+        self.base = OPTIMIZERS.validate(node, prefix=f"{prefix}.base")
 
 
-@dataclass
-class SAMConfig:
-    rho: float = 0.05
-    adaptive: bool = False
-    base: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 5e-4
-
-    def __post_init__(self):
-        _check_common(self)
-        check(self.rho >= 0, "rho", self.rho, ">= 0")
-        check(self.base in ("sgd", "adamw"), "base", self.base, "sgd, adamw")
+def build_optimizer(choice: Choice, params) -> torch.optim.Optimizer:
+    """The optimizer of a validated `optimizer` choice over `params` (tensors or param groups)."""
+    return choice.build(params)
 
 
-@OPTIMIZERS.register("sam", SAMConfig, "SAM (Foret et al. 2021) / ASAM, wrapping sgd or adamw", passes_per_step=2)
-def sam(params, rho, adaptive, base, lr, momentum, nesterov, betas, weight_decay) -> torch.optim.Optimizer:
-    if base == "sgd":
-        return SAM(params, torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum,
-                   nesterov=nesterov, weight_decay=weight_decay)
-    return SAM(params, torch.optim.AdamW, rho=rho, adaptive=adaptive, lr=lr, betas=tuple(betas),
-               weight_decay=weight_decay)
-
-
-def build_optimizer(node, params) -> tuple[torch.optim.Optimizer, dict]:
-    """The optimizer of `conf/optimizer/<name>.yaml` over `params`, and its declared capabilities."""
-    entry, cfg = OPTIMIZERS.validate(node)
-    return entry.build(params, **dataclasses.asdict(cfg)), entry.capabilities
+from runner.optim import adamw, sam, sgd  # noqa: E402,F401  (import registers the optimizers)

@@ -1,0 +1,197 @@
+"""Build once: `build(spec, device) -> Experiment`, the objects one run is made of; `load_run(run_dir)` rebuilds
+a trained run from its directory (or from one checkpoint file) alone.
+
+Training (runner/run.py), resume, the benchmark (scripts/bench_train.py) and post-hoc analyses all start here.
+A checkpoint is self-describing: besides the model, optimizer, scheduler, RNG states and progress it holds the
+resolved config, so `load_run(path/to/last.pt)` needs nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from runner.config import ConfigError
+from runner.optim import Capabilities, build_optimizer, capabilities
+from runner.rundir import RunDir
+from runner.schedulers import build_scheduler
+from runner.signature import signature
+from runner.spec import Spec, validate
+from runner.train import Progress, autocast_for
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Experiment:
+    """Task data, model, objective, optimizer, scheduler and the optimizer's declared capabilities."""
+    spec: Spec
+    device: torch.device
+    task: object  # tasks.Task
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    capabilities: Capabilities
+
+    @property
+    def signature(self) -> str:
+        return signature(self.spec.resolved)
+
+    def autocast(self):
+        return autocast_for(self.device, self.spec.trainer.precision)
+
+    def state_dict(self, progress: Progress) -> dict:
+        """A checkpoint: everything to continue training exactly, plus the config that rebuilds it."""
+        return {"format": CHECKPOINT_FORMAT, "signature": self.signature, "seed": self.spec.seed,
+                "config": self.spec.resolved,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.task.train.generator),
+                "progress": dataclasses.asdict(progress)}
+
+    def load_state_dict(self, state: dict, where: str, restore_rng: bool = True) -> Progress:
+        """Continue from a checkpoint (weights, optimizer, schedule, data order and RNGs); returns its progress.
+        No forward pass runs and no random number is drawn: BN statistics and the data order stay as saved."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:240]
+            raise ConfigError("trainer.resume", message=f"checkpoint {where} does not match this model/optimizer "
+                                                        f"(model={self.spec.model.name}): {detail}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            set_rng_state(state["rng"], self.task.train.generator)
+        fields = {f.name for f in dataclasses.fields(Progress)}
+        return Progress(**{k: v for k, v in state["progress"].items() if k in fields})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", message=f"trainer.device={name} but CUDA is not available on this "
+                                                        "machine; use trainer.device=cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("trainer.device", name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build(spec: Spec, device: torch.device) -> Experiment:
+    """Seed, then build the task's data, the model, the objective, the optimizer and the schedule (in this order:
+    the random draws of each, hence the numbers of a run, depend on it)."""
+    trainer = spec.trainer
+    channels_last = trainer.channels_last if trainer.channels_last is not None else device.type == "cuda"
+    caps = capabilities(spec.optimizer)
+    seed_everything(spec.seed, trainer.deterministic, device)
+    task = spec.dataset.build(seed=spec.seed, device=device, channels_last=channels_last,
+                              with_indices=caps.sample_indices)
+    model = spec.model.build(input=task.input, num_classes=task.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective = spec.loss.build(num_classes=task.num_classes)
+    optimizer = build_optimizer(spec.optimizer, model.parameters())
+    steps_per_epoch = len(task.train)
+    scheduler = build_scheduler(spec.scheduler, optimizer, trainer.total_steps(steps_per_epoch), steps_per_epoch)
+    return Experiment(spec, device, task, model, objective, optimizer, scheduler, caps)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a runner checkpoint safely (weights_only); raises ValueError saying what is wrong with it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own text suggests weights_only=False: unsafe advice, not passed on
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, truncated or not a "
+                         "runner checkpoint") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a runner checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def latest_checkpoint(record: RunDir) -> dict | None:
+    """The newest readable checkpoint of this run dir (last.pt, else prev.pt); a corrupt one is reported."""
+    import logging
+
+    for path in (record.checkpoint_path, record.previous_checkpoint_path):
+        if path.exists():
+            try:
+                return read_checkpoint(path)
+            except ValueError as e:
+                logging.getLogger(__name__).warning("%s; trying the previous one", e)
+    return None
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(), "data": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+
+
+def load_run(run: str | Path, checkpoint: str = "last", device: str | torch.device | None = None
+             ) -> tuple[Experiment, Progress]:
+    """Rebuild a trained run: `run` is a run directory (`checkpoint` = "last", "best" or a path) or a .pt file.
+
+    The config comes from the checkpoint itself (else the run's .hydra/config.yaml). `device` defaults to the
+    run's `trainer.device` where available, else the CPU. Returns the experiment, with the checkpoint's weights,
+    optimizer and schedule state, data generator state and BN statistics untouched, and the saved progress.
+    """
+    run = Path(run)
+    if run.is_file():
+        path = run
+    else:
+        record = RunDir.existing(run)
+        names = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}
+        path = names.get(checkpoint, Path(checkpoint))
+        if checkpoint == "best" and not path.exists():
+            raise FileNotFoundError(f"{run} has no {path.name} (train with trainer.save_best=true)")
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = read_checkpoint(path)
+    config = state.get("config")
+    if config is None:  # checkpoints written before the config was stored in them
+        config = RunDir.existing(path.parent.parent).read_config()
+        if config is None:
+            raise ValueError(f"{path} holds no config and {path.parent.parent} no .hydra/config.yaml")
+    spec = validate(OmegaConf.create(config))
+    if device is None:
+        wanted = spec.trainer.device
+        device = wanted if wanted != "auto" and (not wanted.startswith("cuda") or torch.cuda.is_available()) else "auto"
+    experiment = build(spec, resolve_device(str(device)))
+    progress = experiment.load_state_dict(state, str(path))
+    return experiment, progress

@@ -1,0 +1,95 @@
+"""Validate once: the composed config -> `Spec`, one validated choice per group. Builders take the Spec, never
+the raw config node.
+
+`GROUPS` is the one table of the config's groups: the top-level keys, the registry (or schema) behind each, and
+the keys that do not define an experiment. Validation, the signature, Hydra's sweep folder names and the tests
+all read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import Choice, ConfigError, structured
+
+
+def registries() -> dict:
+    """group -> Registry (imported here: registering the plugins imports torch)."""
+    from runner.logging import LOGGERS
+    from runner.losses import LOSSES
+    from runner.models import MODELS
+    from runner.optim import OPTIMIZERS
+    from runner.schedulers import SCHEDULERS
+    from tasks import TASKS
+
+    return {"dataset": TASKS, "model": MODELS, "loss": LOSSES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "logger": LOGGERS}
+
+
+#: Every top-level key of a job's config: the groups with a registry, `trainer` (one schema), and two values.
+GROUP_KEYS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger")
+TOP_LEVEL_KEYS = (*GROUP_KEYS, "seed", "experiment")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: Command-line groups that only choose how jobs are launched (Hydra's side), never part of a job's config.
+LAUNCH_GROUPS = ("launcher", "sweep")
+
+#: Keys that do not define the experiment (a key covers its subtree): left out of the signature and of the
+#: sweep folder names. Their one list is Hydra's `override_dirname.exclude_keys` in conf/config.yaml (less the
+#: launch groups). Two jobs that differ only in these would share a run folder: such a sweep is refused
+#: before it starts (runner/cli.py).
+NON_IDENTITY_KEYS = tuple(
+    str(k) for k in OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys
+    if k not in LAUNCH_GROUPS)
+
+#: Keys added after run folders existed, with the value that reproduces the behaviour from before: at that
+#: value they are left out of the signature, so older runs keep their folders (and reruns find them).
+ADDED_KEYS = {"trainer.steps": None, "trainer.eval_every_steps": None}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The validated config. `resolved` is the plain resolved dict (what the signature hashes)."""
+    seed: int
+    experiment: str
+    dataset: Choice
+    model: Choice
+    loss: Choice
+    optimizer: Choice
+    scheduler: Choice
+    logger: Choice
+    trainer: Any  # runner.train.TrainerConfig
+    resolved: dict
+
+
+def validate(cfg: DictConfig | dict) -> Spec:
+    """Check every group against its schema (types, ranges, unknown keys) and the groups against each other
+    (the model takes the dataset's input); raises ConfigError."""
+    from runner.train import TrainerConfig
+
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except Exception as e:  # an interpolation that does not resolve
+        raise ConfigError("config", message=f"invalid config: {e}".splitlines()[0]) from None
+    unknown = sorted(set(resolved) - set(TOP_LEVEL_KEYS) - {"hydra"})
+    if unknown:
+        raise ConfigError(unknown[0], resolved[unknown[0]], "top-level keys " + ", ".join(sorted(TOP_LEVEL_KEYS)))
+    for group in GROUP_KEYS:
+        if group not in resolved:
+            raise ConfigError(group, message=f"config group '{group}' is missing: add {group}=<option>")
+    choices = {group: registry.validate(resolved[group]) for group, registry in registries().items()}
+    trainer = structured(TrainerConfig, resolved["trainer"], "trainer")
+    seed = resolved.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", seed, "an integer in [0, 2**32)")
+    produces = choices["dataset"].entry.capabilities.get("input")
+    accepts = choices["model"].entry.capabilities.get("inputs", ())
+    if produces not in accepts:
+        raise ConfigError("model.name", message=f"model={choices['model'].name} takes {', '.join(accepts)} input; "
+                                                f"dataset={choices['dataset'].name} gives {produces}")
+    return Spec(seed=seed, experiment=str(resolved.get("experiment", "default")), trainer=trainer,
+                resolved={k: v for k, v in resolved.items() if k != "hydra"}, **choices)

@@ -1,0 +1,85 @@
+"""The loop's contract with an optimizer step: `StepClosure`, torch's closure protocol plus what multi-pass
+methods need. Any optimizer the loop drives gets one per step as `optimizer.step(closure)`.
+
+    loss = closure()           zero grads, forward, objective, backward at the current weights; returns the
+                               batch-mean objective (a tensor). Call it as often as the method needs.
+    closure(select=idx)        the same over a subset of the batch (a bool mask or indices into it): the forward
+                               and backward run on those samples only (e.g. ESAM's sharpness-sensitive selection).
+    closure.split(m)           sub-closures over consecutive chunks of m samples (m-sharpness): each computes its
+                               chunk's own gradient; averaging their gradients gives the batch gradient.
+    closure.indices            the batch's sample indices into the training split (when the optimizer declares
+                               `sample_indices`), else None.
+    closure.per_sample_loss    after a call: the per-sample objective of that pass, detached, shape (n,) (when
+                               the optimizer declares `per_sample_loss`), else None.
+    closure.logits             after a call: that pass's logits, detached.
+    closure.passes             forward+backward passes so far, in batches (a pass over m of B samples is m/B).
+
+Conventions the loop guarantees:
+- BN running statistics are updated by the first pass of a step only; later passes (at w + e(w), or on a
+  subset) normalize with their own batch statistics but leave `running_mean/var` alone (davda54/sam);
+- train metrics (`train/loss`, `train/acc`) come from the first full-batch pass, at the weights w;
+- gradient clipping (`trainer.grad_clip`) applies to the gradient of every pass, before the optimizer sees it;
+- autocast (bf16) covers every pass; the objective is computed in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+
+
+class StepClosure:
+    def __init__(self, model: torch.nn.Module, objective: Callable, x: torch.Tensor, y: torch.Tensor, *,
+                 autocast, frozen_bn, params: list[torch.Tensor], zero_grad: Callable[[], None],
+                 grad_clip: Optional[float] = None, on_first_pass: Optional[Callable] = None,
+                 indices: Optional[torch.Tensor] = None, per_sample: bool = False, _parent: "StepClosure" = None):
+        self.model, self.objective, self.x, self.y = model, objective, x, y
+        self.autocast, self.frozen_bn, self.params, self.zero_grad = autocast, frozen_bn, params, zero_grad
+        self.grad_clip, self.on_first_pass, self.indices, self.per_sample = grad_clip, on_first_pass, indices, per_sample
+        self._root = _parent._root if _parent is not None else self
+        self._batch_size = len(y) if _parent is None else _parent._batch_size
+        self.passes = 0
+        self.per_sample_loss: Optional[torch.Tensor] = None
+        self.logits: Optional[torch.Tensor] = None
+
+    def __call__(self, select: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x, y = (self.x, self.y) if select is None else (self.x[select], self.y[select])
+        first = self._root.passes == 0
+        self.zero_grad()
+        with (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
+            logits = self.model(x)
+            if self.per_sample:
+                losses = self.objective(logits, y, reduction="none")
+                loss = losses.mean()
+                self.per_sample_loss = losses.detach()
+            else:
+                loss = self.objective(logits, y)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.logits = logits.detach()
+        if first and select is None and self._root is self and self.on_first_pass is not None:
+            self.on_first_pass(self.logits, y)  # train metrics at w
+        fraction = 1 if len(y) == self._batch_size else len(y) / self._batch_size
+        self._count(fraction)
+        return loss
+
+    def _count(self, fraction) -> None:
+        self.passes += fraction
+        if self._root is not self:
+            self._root.passes += fraction
+
+    def split(self, m: int) -> list["StepClosure"]:
+        """Sub-closures over chunks x[i:i+m] (the last may be smaller), sharing this step's pass count."""
+        if m <= 0:
+            raise ValueError(f"chunk size must be >= 1, got {m}")
+        chunks = []
+        for start in range(0, len(self.y), m):
+            part = slice(start, start + m)
+            chunks.append(StepClosure(
+                self.model, self.objective, self.x[part], self.y[part], autocast=self.autocast,
+                frozen_bn=self.frozen_bn, params=self.params, zero_grad=self.zero_grad, grad_clip=self.grad_clip,
+                indices=None if self.indices is None else self.indices[part], per_sample=self.per_sample,
+                _parent=self))
+        return chunks
