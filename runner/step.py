@@ -39,13 +39,13 @@ class StepClosure:
         self.grad_clip, self.on_first_pass, self.indices, self.per_sample = grad_clip, on_first_pass, indices, per_sample
         self._root = _parent._root if _parent is not None else self
         self._batch_size = len(y) if _parent is None else _parent._batch_size
-        self.passes = 0
+        self.samples = 0  # forward+backward samples of this closure's calls (and its chunks')
         self.per_sample_loss: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
 
     def __call__(self, select: Optional[torch.Tensor] = None) -> torch.Tensor:
         x, y = (self.x, self.y) if select is None else (self.x[select], self.y[select])
-        first = self._root.passes == 0
+        first = self._root.samples == 0
         self.zero_grad()
         with (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
             logits = self.model(x)
@@ -61,14 +61,16 @@ class StepClosure:
         self.logits = logits.detach()
         if first and select is None and self._root is self and self.on_first_pass is not None:
             self.on_first_pass(self.logits, y)  # train metrics at w
-        fraction = 1 if len(y) == self._batch_size else len(y) / self._batch_size
-        self._count(fraction)
+        self.samples += len(y)
+        if self._root is not self:
+            self._root.samples += len(y)
         return loss
 
-    def _count(self, fraction) -> None:
-        self.passes += fraction
-        if self._root is not self:
-            self._root.passes += fraction
+    @property
+    def passes(self) -> int | float:
+        """Forward+backward passes in units of the batch (exact: counted in samples)."""
+        whole, rest = divmod(self.samples, self._batch_size)
+        return whole if rest == 0 else self.samples / self._batch_size
 
     def split(self, m: int) -> list["StepClosure"]:
         """Sub-closures over chunks x[i:i+m] (the last may be smaller), sharing this step's pass count."""

@@ -13,8 +13,9 @@ every callback whether it is due (`Cadence`: every N steps, every N epochs, at t
 sync). When any is due, one record is made: `step`, `epoch` (fractional mid-epoch), train metrics since the last
 record, `lr`, `passes`, the due callbacks' metrics (evaluation, and, next, analyses), `time/epoch_s` at epoch
 ends; it goes to metrics.jsonl and the dashboard. Without `eval_every_steps` there is a record at every epoch end
-and an evaluation every `eval_every` epochs (and at the end). Checkpoints are written at epoch ends every
-`checkpoint_every` epochs and at the end, so a resumed run restarts at an epoch boundary, exactly.
+and an evaluation every `eval_every` epochs (and at the end). Checkpoints are written at epoch ends only (so a
+resumed run restarts at an epoch boundary, exactly), and at the end: every `checkpoint_every` epochs, or, on the
+step clock, at the first epoch end after every `checkpoint_every` records.
 A non-finite training loss ends the run as `diverged` at the next record, keeping what was logged.
 """
 from __future__ import annotations
@@ -169,7 +170,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
         callbacks = [Evaluate(Cadence(every_epochs=cfg.eval_every), net, autocast), *callbacks]
 
     sums = task.metrics.zeros(device)      # train metrics since the last record, read at records only
-    seen = 0
+    seen = records_since_checkpoint = 0
     update = lambda logits, y: task.metrics.update(sums, logits, y)  # noqa: E731  (reads `sums` when called)
     mark = time.perf_counter()
     experiment.model.train()
@@ -192,7 +193,11 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                 progress.epoch = epoch
             due_train = train_cadence.due(progress.step, progress.epoch, epoch_end, final)
             due = [cb for cb in callbacks if cb.cadence.due(progress.step, progress.epoch, epoch_end, final)]
+            records_since_checkpoint += due_train
             if not (due_train or due):
+                if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
+                    sink.checkpoint()
+                    records_since_checkpoint = 0
                 continue
             record = {"step": progress.step,
                       "epoch": progress.epoch if epoch_end else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
@@ -222,10 +227,21 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                 sink.best()
             if final:
                 break
-            if epoch_end and cfg.checkpoint_every and progress.epoch % cfg.checkpoint_every == 0:
+            if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
                 sink.checkpoint()
+                records_since_checkpoint = 0
     sink.checkpoint()
     return "completed"
+
+
+def _checkpoint_due(cfg: TrainerConfig, progress: Progress, records_since_checkpoint: int) -> bool:
+    """At an epoch end: every `checkpoint_every` epochs, or, on the step clock, once `checkpoint_every` records
+    have passed since the last checkpoint (a full-batch run checkpoints with its records, not every step)."""
+    if not cfg.checkpoint_every:
+        return False
+    if cfg.eval_every_steps is not None:
+        return records_since_checkpoint >= cfg.checkpoint_every
+    return progress.epoch % cfg.checkpoint_every == 0
 
 
 def _track(progress: Progress, record: dict, task, diverged: bool) -> bool:

@@ -1,5 +1,5 @@
 """The config tree: every experiment and every option of every group composes (as `python -m runner` would
-compose it), passes `runner.run.validate`, and its parts can be built and used for a step.
+compose it), passes `runner.spec.validate`, and its parts can be built and used for a step.
 
 Models are built for their dataset's input shape: the small ones (mlp, cnn) for digits' 1x8x8, the CIFAR
 ones (resnet18, wrn) for 3x32x32. Optimizers, schedulers and losses are built on a tiny model.
@@ -15,15 +15,15 @@ import torchvision.datasets
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from runner.data import DatasetConfig, build_data
-from runner.logging import LOGGERS, build_logger
-from runner.losses import build_loss
-from runner.models import build_model
-from runner.optim import OPTIMIZERS, build_optimizer
-from runner.run import validate
-from runner.schedulers import build_scheduler
+from runner.logging import LOGGERS
+from runner.losses import LOSSES
+from runner.models import MODELS
+from runner.optim import OPTIMIZERS, build_optimizer, capabilities
+from runner.schedulers import SCHEDULERS, build_scheduler
 from runner.signature import flatten, signature
+from runner.spec import GROUP_KEYS, TOP_LEVEL_KEYS, registries, validate
 from runner.train import TrainerConfig
+from tasks import TASKS, ImageInput
 
 try:
     from tests.conftest import CONF_DIR, cli_env
@@ -32,9 +32,9 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
     from conftest import CONF_DIR, cli_env
     from fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
 
-#: The groups `runner.run.run` consumes; other folders of conf/ (experiment, launcher, sweep, ...) only
-#: rearrange these or Hydra's own settings.
-RUN_GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger")
+#: The groups a job consumes (the one table in runner/spec.py); other folders of conf/ (experiment, launcher,
+#: sweep, ...) only rearrange these or Hydra's own settings.
+RUN_GROUPS = GROUP_KEYS
 DEFAULTS = {k: v for entry in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
             if isinstance(entry, dict) for k, v in entry.items()}
 
@@ -66,14 +66,18 @@ def test_config_tree_is_what_the_tests_cover():
     assert EXPERIMENTS, "no experiments in conf/experiment"
     for group in RUN_GROUPS:
         assert DEFAULTS[group] in options(group)
+    assert set(registries()) == set(RUN_GROUPS) - {"trainer"}  # trainer: one schema, no options to register
+    composed = OmegaConf.load(CONF_DIR / "config.yaml")
+    assert set(TOP_LEVEL_KEYS) == set(RUN_GROUPS) | {k for k in composed if k not in ("defaults", "hydra")}
 
 
 def test_default_config(compose):
     cfg = compose()
     spec = validate(cfg)
     assert spec.seed == 0 and spec.experiment == "default"
-    assert isinstance(spec.dataset, DatasetConfig) and spec.dataset.name == "digits"
-    assert isinstance(spec.trainer, TrainerConfig) and spec.trainer.epochs == 20
+    assert spec.dataset.name == "digits" and spec.dataset.params.batch_size == 64
+    assert spec.trainer.epochs == 20 and spec.trainer.steps is None and spec.trainer.eval_every_steps is None
+    assert spec.optimizer.kwargs == {"lr": 0.05, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False}
     assert {cfg[g].name for g in ("model", "optimizer", "scheduler", "loss", "logger")} == {
         "mlp", "sgd", "cosine", "cross_entropy", "wandb"}
     assert "hydra" not in cfg
@@ -92,8 +96,8 @@ def check_model(node, channels: int, size: int, num_classes: int) -> None:
     """Build for inputs (N, channels, size, size); run a forward pass unless it is a big CIFAR model (those are
     run at 3x32x32 in test_models.py and end to end, at a small width, in test_cli.py)."""
     torch.manual_seed(0)
-    model = build_model(node, num_classes=num_classes, in_channels=channels, image_size=size)
-    assert isinstance(model, torch.nn.Module) and all(torch.isfinite(p).all() for p in model.parameters())
+    model = MODELS.validate(node).build(input=ImageInput(channels, size), num_classes=num_classes)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     first_conv = next((m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))))
     assert getattr(first_conv, "in_channels", None) in (channels, None)
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -109,8 +113,8 @@ def check_model(node, channels: int, size: int, num_classes: int) -> None:
 def check_optimizer(node) -> None:
     """Build on a tiny model and take one step: the closure is called `passes_per_step` times, weights move."""
     model = tiny_model()
-    optimizer, capabilities = build_optimizer(node, model.parameters())
-    assert isinstance(optimizer, torch.optim.Optimizer)
+    choice = OPTIMIZERS.validate(node)
+    optimizer = build_optimizer(choice, model.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(node.lr)
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     before = [p.detach().clone() for p in model.parameters()]
@@ -125,7 +129,7 @@ def check_optimizer(node) -> None:
         return loss
 
     optimizer.step(closure)
-    assert calls == capabilities["passes_per_step"] >= 1
+    assert calls == capabilities(choice).passes_per_step >= 1  # the declaration is what a step costs
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), "one step did not change the weights"
@@ -134,7 +138,7 @@ def check_optimizer(node) -> None:
 def check_scheduler(node, optimizer_node, epochs: int, steps_per_epoch: int = 5) -> None:
     peak = optimizer_node.lr
     optimizer = torch.optim.SGD(tiny_model().parameters(), lr=peak)  # a schedule only scales param_groups' lr
-    scheduler = build_scheduler(node, optimizer, epochs, steps_per_epoch)
+    scheduler = build_scheduler(SCHEDULERS.validate(node), optimizer, epochs * steps_per_epoch, steps_per_epoch)
     lrs = [optimizer.param_groups[0]["lr"]]
     for _ in range(epochs * steps_per_epoch):
         optimizer.step()  # no gradients: a no-op, keeps torch from warning about the call order
@@ -145,10 +149,12 @@ def check_scheduler(node, optimizer_node, epochs: int, steps_per_epoch: int = 5)
 
 
 def check_loss(node) -> None:
-    loss_fn = build_loss(node)
-    logits = torch.randn(8, 10, requires_grad=True)
-    loss = loss_fn(logits, torch.randint(0, 10, (8,)))
+    loss_fn = LOSSES.validate(node).build(num_classes=10)
+    logits, y = torch.randn(8, 10, requires_grad=True), torch.randint(0, 10, (8,))
+    loss = loss_fn(logits, y)
     assert loss.dim() == 0 and torch.isfinite(loss)
+    per_sample = loss_fn(logits, y, reduction="none")  # the loss contract: per-sample values on request
+    assert per_sample.shape == (8,) and torch.allclose(per_sample.mean(), loss)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
 
@@ -166,14 +172,13 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
         patch_cifar_md5(monkeypatch, cls, writer(tmp_path, n_train=12, n_test=4).md5)
     elif name in ("mnist", "fashion_mnist"):
         write_fake_mnist(tmp_path, n_train=12, n_test=4, name={"mnist": "MNIST"}.get(name, "FashionMNIST"))
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetConfig), params))
-    data = build_data(cfg, seed=0, device=torch.device("cpu"))
+    task = TASKS.validate(params).build(seed=0, device=torch.device("cpu"))
     channels, size, num_classes = SHAPES[name]
-    assert (data.in_channels, data.image_size, data.num_classes) == (channels, size, num_classes)
-    x, y = next(iter(data.train))
+    assert (task.input.shape, task.num_classes) == ((channels, size, size), num_classes)
+    x, y, _ = next(iter(task.train))
     assert x.shape[1:] == (channels, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
-    assert set(data.evals) >= {"test"}
-    model = build_model(OmegaConf.create({"name": "mlp", "hidden": [16]}), num_classes, channels, size)
+    assert set(task.evals) >= {"test"}
+    model = MODELS.validate({"name": "mlp", "hidden": [16]}).build(input=task.input, num_classes=num_classes)
     assert model(x).shape == (len(y), num_classes)
 
 
@@ -208,24 +213,18 @@ def test_every_group_option_composes_validates_and_builds(compose, tmp_path, mon
         assert spec.dataset.name == node.name
         check_dataset(node, tmp_path, monkeypatch)
     elif group == "trainer":
-        assert isinstance(spec.trainer, TrainerConfig)
+        assert spec.trainer == TrainerConfig(**OmegaConf.to_container(node, resolve=True))
     elif group == "logger":
-        entry, _ = LOGGERS.validate(node)
         if node.name == "none":
-            logger = build_logger(node, run_dir=tmp_path, config=spec.resolved, name="t", group="g",
-                                  job_type="j", run_id="r")
+            logger = LOGGERS.validate(node).build(run_dir=tmp_path, config=spec.resolved, name="t", group="g",
+                                                  job_type="j", run_id="r")
             logger.log({"train/loss": 1.0}, step=1)
             logger.finish({"status": "completed"})
 
 
 def test_every_registered_name_has_a_yaml():
     """Each registry's names are reachable from conf/ (a model may be reached through several files)."""
-    from runner.losses import LOSSES
-    from runner.models import MODELS
-    from runner.schedulers import SCHEDULERS
-
-    for group, registry in (("model", MODELS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
-                            ("scheduler", SCHEDULERS), ("logger", LOGGERS)):
+    for group, registry in registries().items():
         names = {OmegaConf.load(CONF_DIR / group / f"{o}.yaml").name for o in options(group)}
         assert names == set(registry.names()), group
 
@@ -259,6 +258,8 @@ def test_sam_and_sgd_cifar_differ_only_in_the_optimizer(compose):
     assert rest(sam) == rest(sgd)
     # the hyperparameters they share are equal, and SAM's base optimizer is SGD
     assert sam["optimizer"]["base"] == "sgd"
+    assert validate(compose(["+experiment=sam_cifar"])).optimizer.params.base.kwargs == {
+        "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": False}  # handed to the base, validated
     shared = set(sam["optimizer"]) & set(sgd["optimizer"]) - {"name"}
     assert shared >= {"lr", "momentum", "weight_decay", "nesterov"}
     assert {k: sam["optimizer"][k] for k in shared} == {k: sgd["optimizer"][k] for k in shared}

@@ -1,13 +1,20 @@
-"""The device-resident pipeline: crop+flip against a per-image reference, seeded epochs, normalization."""
+"""The device-resident pipeline: crop+flip against a per-image reference, seeded epochs, normalization, indices."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.data import DatasetConfig, DeviceBatches, build_data, crop_flip
-from runner.schedulers import build_scheduler
-from tasks.image_classification import Split
+from runner.data import DeviceBatches
+from runner.schedulers import SCHEDULERS, build_scheduler
+from tasks import TASKS
+from tasks.image_classification import ImageTransform, Split, crop_flip
+
+
+def image_batches(split, batch_size, mean, std, *, shuffle, augment=False, generator=None, with_indices=False):
+    transform = ImageTransform(mean, std, torch.device("cpu"), augment=augment, channels_last=False)
+    return DeviceBatches(split.x, split.y, batch_size, shuffle=shuffle, generator=generator, transform=transform,
+                         with_indices=with_indices)
 
 
 def test_crop_flip_matches_per_image_reference():
@@ -26,37 +33,50 @@ def test_crop_flip_matches_per_image_reference():
 
 def test_batches_cover_every_sample_once_per_epoch_and_are_seeded():
     split = Split(torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), torch.arange(50))
-    make = lambda seed: DeviceBatches(split, 16, (0.0,), (1 / 255,), shuffle=True, augment=False,
-                                      generator=torch.Generator().manual_seed(seed))
+    make = lambda seed, **kw: image_batches(split, 16, (0.0,), (1 / 255,), shuffle=True,
+                                            generator=torch.Generator().manual_seed(seed), **kw)
     a, b, c = make(0), make(0), make(1)
     assert len(a) == math.ceil(50 / 16)
-    epoch1 = torch.cat([y for _, y in a])
+    epoch1 = torch.cat([batch.y for batch in a])
     assert sorted(epoch1.tolist()) == list(range(50))
-    assert torch.equal(epoch1, torch.cat([y for _, y in b]))          # same seed, same order
-    assert not torch.equal(epoch1, torch.cat([y for _, y in c]))      # another seed, another order
-    assert not torch.equal(epoch1, torch.cat([y for _, y in a]))      # the next epoch is reshuffled
-    for x, y in make(0):
+    assert torch.equal(epoch1, torch.cat([batch.y for batch in b]))          # same seed, same order
+    assert not torch.equal(epoch1, torch.cat([batch.y for batch in c]))      # another seed, another order
+    assert not torch.equal(epoch1, torch.cat([batch.y for batch in a]))      # the next epoch is reshuffled
+    for x, y, index in make(0):
         assert torch.equal(x.view(-1), y.float())                     # images stay paired with labels
+        assert index is None                                          # indices only when asked for
+    for x, y, index in make(0, with_indices=True):
+        assert torch.equal(split.y[index], y)                         # each sample's index into the split
+
+
+def test_indices_do_not_change_the_data_order():
+    split = Split(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
+    plain = image_batches(split, 8, (0.5,) * 3, (0.25,) * 3, shuffle=True, augment=True,
+                          generator=torch.Generator().manual_seed(3))
+    indexed = image_batches(split, 8, (0.5,) * 3, (0.25,) * 3, shuffle=True, augment=True,
+                            generator=torch.Generator().manual_seed(3), with_indices=True)
+    for (x1, y1, _), (x2, y2, _) in zip(plain, indexed):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_normalization_uses_dataset_mean_and_std():
     split = Split(torch.full((4, 1, 2, 2), 51, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
-    (x, _), = DeviceBatches(split, 8, (0.1,), (0.5,), shuffle=False, augment=False)
+    (x, _, _), = image_batches(split, 8, (0.1,), (0.5,), shuffle=False)
     torch.testing.assert_close(x, torch.full_like(x, (0.2 - 0.1) / 0.5))
 
 
 def test_build_data_digits_with_subset_val_and_noise():
-    cfg = DatasetConfig(name="digits", batch_size=32, subset=1000, val_size=0.2, label_noise=0.5)
-    data = build_data(cfg, seed=0, device=torch.device("cpu"))
-    assert data.train.num_samples == 800 and data.evals["val"].num_samples == 200
-    assert data.evals["test"].num_samples == 360
-    assert 0.4 < data.noisy_fraction < 0.6
-    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 8)
+    choice = TASKS.validate({"name": "digits", "batch_size": 32, "subset": 1000, "val_size": 0.2, "label_noise": 0.5})
+    task = choice.build(seed=0, device=torch.device("cpu"))
+    assert task.train.num_samples == 800 and task.evals["val"].num_samples == 200
+    assert task.evals["test"].num_samples == 360
+    assert 0.4 < task.info["label_noise_fraction"] < 0.6
+    assert (task.num_classes, task.input.shape) == (10, (1, 8, 8))
 
 
 def lrs(name, epochs=10, steps=10, **kw):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = build_scheduler({"name": name, **kw}, opt, epochs, steps)
+    sched = build_scheduler(SCHEDULERS.validate({"name": name, **kw}), opt, epochs * steps, steps)
     out = []
     for _ in range(epochs * steps):
         out.append(opt.param_groups[0]["lr"])

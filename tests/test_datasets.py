@@ -7,7 +7,7 @@ import torchvision.datasets
 
 from runner.config import ConfigError
 from tasks.image_classification import (
-    DATASETS, Split, load_image_data, split_train_val, subset, symmetric_label_noise,
+    DATASETS, Split, load_image_data, split_train_val, symmetric_label_noise, take_subset as subset,
 )
 
 try:

@@ -7,7 +7,17 @@ import torch
 from omegaconf import OmegaConf
 
 from runner.config import ConfigError
-from runner.models import MODELS, build_model, validate_model
+from runner.models import MODELS
+from tasks import FeatureInput, ImageInput, TokenInput
+
+
+def validate_model(node):
+    choice = MODELS.validate(node)
+    return choice.entry, choice.params
+
+
+def build_model(node, num_classes, in_channels, image_size):
+    return MODELS.validate(node).build(input=ImageInput(in_channels, image_size), num_classes=num_classes)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 YAMLS = sorted(CONF.glob("*.yaml"))
@@ -100,3 +110,22 @@ def test_yaml_name_may_differ_from_file_name():
     entry, params = validate_model(load("wrn28_10.yaml"))
     assert entry.name == "wrn" and (params.depth, params.width_factor) == (28, 10)
     assert MODELS.get("wrn").capabilities["batchnorm"] and not MODELS.get("mlp").capabilities["batchnorm"]
+
+
+def test_mlp_takes_any_input_the_task_declares():
+    """The same MLP config on features (flattened) and on token pairs (one-hot, concatenated)."""
+    node = {"name": "mlp", "hidden": [8]}
+    on_features = MODELS.validate(node).build(input=FeatureInput(13), num_classes=3)
+    assert on_features(torch.randn(5, 13)).shape == (5, 3)
+    on_tokens = MODELS.validate(node).build(input=TokenInput(vocab=7, length=2), num_classes=7)
+    tokens = torch.tensor([[0, 6], [3, 3]])
+    assert on_tokens[1].in_features == 14 and on_tokens(tokens).shape == (2, 7)
+    # one-hot(a) ‖ one-hot(b) through the first layer = the sum of two weight columns
+    w, b = on_tokens[1].weight, on_tokens[1].bias
+    torch.testing.assert_close(on_tokens[1](on_tokens[0](tokens))[0], w[:, 0] + w[:, 7 + 6] + b)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_image_models_refuse_other_inputs(name):
+    with pytest.raises(ConfigError, match="needs image input"):
+        MODELS.validate({"name": name}).build(input=FeatureInput(13), num_classes=3)

@@ -1,143 +1,128 @@
 """Sweep report: run discovery, grouping by signature, mean/std/Student-t CI over completed seeds, the CLI's
-outputs (markdown, CSV, report folder, figures) and its one-line exit-2 errors. Fake sweeps are written to
-tmp_path, so the tests are fast and need no training."""
+outputs (markdown, CSV, report folder, figures) and its one-line exit-2 errors.
+
+The report reads real run directories: a module fixture runs a tiny sweep (2 optimizers x 3 seeds on the
+bundled digits data) through the CLI once, another one a diverging and a failing run. Expected numbers are
+computed from each run's summary.json with numpy/scipy, independently of the report's code. Tests that need
+a state no run leaves behind (a run still running, an interrupted one) copy a real run and change it.
+"""
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
-import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
+import yaml
 from omegaconf import OmegaConf
 
 from runner.report import Stat, describe, find_runs, group_runs, main, summarize, t_975
 from runner.signature import IGNORED_KEYS, flatten, group_config, signature
 
+try:
+    from tests.conftest import runner_process
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from conftest import runner_process
+
 ROOT = Path(__file__).resolve().parents[1]
-T_DF2 = 4.303  # t_{0.975} with 2 degrees of freedom
-
-BASE = {
-    "seed": 0,
-    "experiment": "mnist_sam",
-    "dataset": {"name": "mnist", "root": "/data/mnist", "download": True, "batch_size": 128},
-    "model": {"name": "mlp", "hidden": 128},
-    "loss": {"name": "cross_entropy"},
-    "optimizer": {"name": "sgd", "lr": 0.1},
-    "scheduler": {"name": "cosine"},
-    "trainer": {"epochs": 3, "device": "cpu", "progress": False},
-    "logger": {"name": "jsonl", "every": 10},
-}
-SAM = {"name": "sam", "lr": 0.1, "rho": 0.05}
-
-# Final test/acc, final test/loss, best test/acc, wall_s and passes of the three completed seeds per config.
-ACC = {"sgd": [0.90, 0.92, 0.94], "sam": [0.95, 0.96, 0.98]}
-LOSS = {"sgd": [0.30, 0.28, 0.25], "sam": [0.20, 0.18, 0.15]}
-BEST = {"sgd": [0.91, 0.92, 0.95], "sam": [0.95, 0.97, 0.98]}
-WALL = {"sgd": [10.0, 11.0, 12.0], "sam": [20.0, 22.0, 24.0]}
+TINY = ("trainer.epochs=2", "model.hidden=[16]", "logger=none", "trainer.progress=false")
+OPTIMIZERS = ("sgd", "adamw")
+SEEDS = (0, 1, 2)
 
 
-def make_config(optimizer: str = "sgd", seed: int = 0, **changes) -> dict:
-    cfg = copy.deepcopy(BASE)
-    cfg["seed"] = seed
-    cfg["optimizer"] = copy.deepcopy(SAM) if optimizer == "sam" else cfg["optimizer"]
-    cfg.update(changes)
-    return cfg
+# ------------------------------------------------------------------------------------------ real run dirs
 
-
-def write_run(path: Path, cfg: dict, status: str | None = "completed", acc: float = 0.9, loss: float = 0.3,
-              best: float | None = None, wall_s: float = 10.0, passes: int = 6, store_signature: bool = True,
-              extra_final: dict | None = None, epochs: int = 3) -> Path:
-    """A fake run dir: .hydra/config.yaml, overrides.yaml, metrics.jsonl and (unless status is None) summary."""
-    (path / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(cfg), path / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create([f"seed={cfg['seed']}"]), path / ".hydra" / "overrides.yaml")
-    with open(path / "metrics.jsonl", "w") as f:
-        for epoch in range(1, epochs + 1):  # linear ramp up to the final accuracy
-            f.write(json.dumps({"step": 10 * epoch, "epoch": epoch, "train/loss": 1.0 / epoch}) + "\n")
-            f.write(json.dumps({"step": 10 * epoch, "epoch": epoch, "test/acc": acc - 0.1 * (epochs - epoch),
-                                "test/loss": loss + 0.1 * (epochs - epoch)}) + "\n")
-    if status is not None:
-        summary = {
-            "status": status,
-            "final": {"test/acc": acc, "test/loss": loss, "train/loss": 0.01, **(extra_final or {})},
-            "best": {"test/acc": best if best is not None else acc, "epoch": epochs},
-            "seed": cfg["seed"], "epochs": epochs, "steps": 10 * epochs, "passes": passes, "wall_s": wall_s,
-            "error": None, "group": group_config(cfg), "versions": {}, "git": {"rev": "abc", "dirty": False},
-            "device": "cpu",
-        }
-        if store_signature:
-            summary["signature"] = signature(cfg)
-        (path / "summary.json").write_text(json.dumps(summary))
-    return path
-
-
-@pytest.fixture
-def sweep(tmp_path: Path) -> Path:
-    """2 configs x 3 completed seeds, plus a failed sgd run and a diverged sam run."""
-    root = tmp_path / "sweep"
-    for opt in ("sgd", "sam"):
-        for seed in range(3):
-            write_run(root / f"optimizer={opt}" / f"seed={seed}", make_config(opt, seed), acc=ACC[opt][seed],
-                      loss=LOSS[opt][seed], best=BEST[opt][seed], wall_s=WALL[opt][seed], passes=6,
-                      store_signature=seed != 1)  # seed 1: the report recomputes the signature
-    write_run(root / "optimizer=sgd" / "seed=3", make_config("sgd", 3), status="failed", acc=0.1)
-    write_run(root / "optimizer=sam" / "seed=3", make_config("sam", 3), status="diverged", acc=0.1,
-              loss=float("nan"))
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A real sweep `optimizer=sgd,adamw seed=0,1,2` (tiny, 2 epochs): 2 configs x 3 completed seeds."""
+    cwd = tmp_path_factory.mktemp("report_sweep")
+    out = runner_process(cwd, "-m", f"optimizer={','.join(OPTIMIZERS)}", f"seed={','.join(map(str, SEEDS))}",
+                         *TINY, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = cwd / "multirun" / "default"
+    assert len(list(root.glob("*/seed=*/summary.json"))) == 6, sorted(root.rglob("*"))
     return root
 
 
-def by_label(rows: list[dict]) -> dict[str, dict]:
-    return {row["group"]: row for row in rows}
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> Path:
+    """A real sweep with lr=1e6: on digits the run diverges, on mnist (no data, no download) it fails."""
+    cwd = tmp_path_factory.mktemp("report_broken")
+    root = cwd / "broken"
+    out = runner_process(cwd, "-m", "dataset=digits,mnist", "optimizer.lr=1e6", f"dataset.root={cwd / 'nodata'}",
+                         "dataset.download=false", f"hydra.sweep.dir={root}", *TINY, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]  # a sweep with failed jobs exits 1
+    return root
 
 
-def hand_stats(values: list[float]) -> tuple[float, float, float]:
-    x = np.array(values)
-    std = x.std(ddof=1)
-    return x.mean(), std, T_DF2 * std / math.sqrt(len(x))
+def runs_on_disk(root: Path) -> dict[str, list[dict]]:
+    """optimizer name -> the runs under `root` (dir, summary, config), read with json/yaml, sorted by seed."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(root.glob("*/seed=*/summary.json")):
+        config = yaml.safe_load((path.parent / ".hydra" / "config.yaml").read_text())
+        runs.setdefault(config["optimizer"]["name"], []).append(
+            {"dir": path.parent, "summary": json.loads(path.read_text()), "config": config})
+    return {k: sorted(v, key=lambda r: r["config"]["seed"]) for k, v in runs.items()}
+
+
+def expected_stat(values: list[float]) -> Stat:
+    """Mean, std (ddof=1) and the 95% CI half-width from scipy's t interval around the mean with scale=sem."""
+    x = np.asarray(values, dtype=float)
+    mean = float(np.mean(x))
+    low, high = scipy.stats.t.interval(0.95, len(x) - 1, loc=mean, scale=scipy.stats.sem(x))
+    return Stat(mean, float(np.std(x, ddof=1)), (high - low) / 2, len(x))
+
+
+def copy_group(sweep: Path, optimizer: str, dest: Path) -> Path:
+    """A writable copy (without checkpoints) of the sweep's config folder for `optimizer`; returns it."""
+    (src,) = {r["dir"].parent for r in runs_on_disk(sweep)[optimizer]}
+    shutil.copytree(src, dest / src.name, ignore=shutil.ignore_patterns("checkpoints", ".lock"))
+    return dest / src.name
+
+
+def edit_summary(run_dir: Path, edit) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    edit(summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def rows_by_signature(rows: list[dict]) -> dict[str, dict]:
+    return {row["signature"]: row for row in rows}
 
 
 # ------------------------------------------------------------------------------------------------ signature
 
-def test_signature_ignores_seed_paths_device_and_logger():
-    cfg = make_config("sgd", 0)
-    other = make_config("sgd", 7)
-    other["dataset"]["root"] = "/elsewhere"
-    other["dataset"]["download"] = False
-    other["trainer"]["device"] = "cuda"
-    other["trainer"]["progress"] = True
-    other["logger"] = {"name": "wandb"}
+def test_signature_ignores_seed_paths_device_and_logger(compose):
+    cfg = OmegaConf.to_container(compose(["logger=none"]), resolve=True)
+    other = OmegaConf.to_container(compose(["seed=7", "dataset.root=/elsewhere", "dataset.download=true",
+                                            "trainer.device=cuda", "trainer.progress=true", "trainer.checkpoint_every=5",
+                                            "logger=wandb"]), resolve=True)
     other["hydra"] = {"run": {"dir": "x"}}
-    other["run_dir"] = "/tmp/run"
+    assert cfg != other
     assert signature(cfg) == signature(other)
     assert len(signature(cfg)) == 8 and len(signature(cfg, length=12)) == 12
-    assert {"seed", "logger", "hydra", "run_dir"} <= set(IGNORED_KEYS)
+    assert {"seed", "logger", "hydra"} <= set(IGNORED_KEYS)
 
 
-@pytest.mark.parametrize("key,value", [("optimizer.lr", 0.2), ("model.hidden", 256), ("trainer.epochs", 4),
-                                       ("experiment", "other"), ("dataset.name", "cifar10")])
-def test_signature_changes_with_any_other_key(key, value):
-    cfg = make_config("sgd")
-    changed = copy.deepcopy(cfg)
-    *parents, last = key.split(".")
-    node = changed
-    for part in parents:
-        node = node[part]
-    node[last] = value
-    assert signature(changed) != signature(cfg)
+@pytest.mark.parametrize("override", ["optimizer.lr=0.2", "model.hidden=[256]", "trainer.epochs=4",
+                                      "+experiment=sgd_cifar", "dataset=mnist", "optimizer=adamw"])
+def test_signature_changes_with_any_other_key(compose, override):
+    assert signature(compose([override])) != signature(compose([]))
 
 
-def test_group_config_is_a_deep_copy_without_ignored_keys():
-    cfg = make_config("sam")
+def test_group_config_is_a_deep_copy_without_ignored_keys(compose):
+    cfg = OmegaConf.to_container(compose(["optimizer=sam"]), resolve=True)
     group = group_config(cfg)
     assert "seed" not in group and "logger" not in group
     assert "root" not in group["dataset"] and "device" not in group["trainer"]
-    assert cfg["dataset"]["root"] == "/data/mnist"  # input untouched
+    assert group["optimizer"] == cfg["optimizer"]
+    assert "root" in cfg["dataset"] and "seed" in cfg  # input untouched
     assert signature(OmegaConf.create(cfg)) == signature(cfg)
 
 
@@ -146,114 +131,158 @@ def test_flatten():
         "a.b": 1, "a.c.d": [1, 2], "e": None, "f": {}}
 
 
+@pytest.mark.slow
+def test_stored_signature_is_the_one_computed_from_the_saved_config(sweep):
+    runs = [r for rs in runs_on_disk(sweep).values() for r in rs]
+    for run in runs:
+        assert run["summary"]["signature"] == signature(run["config"]) == run["dir"].parent.name.rsplit("-", 1)[1]
+    assert len({r["summary"]["signature"] for r in runs}) == 2
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
-def test_t_quantiles():
-    assert t_975(2) == pytest.approx(T_DF2)
-    assert t_975(1) == pytest.approx(12.71)
-    assert t_975(30) == pytest.approx(2.042)
-    assert t_975(40) == pytest.approx(2.021, abs=1e-3)
-    assert t_975(120) == pytest.approx(1.980, abs=1e-3)
-    assert t_975(10**6) == pytest.approx(1.96, abs=1e-3)
+def test_t_quantiles_match_the_textbook_table():
+    for df, value in ((1, 12.706), (2, 4.303), (5, 2.571), (10, 2.228), (30, 2.042), (120, 1.980), (10**6, 1.960)):
+        assert t_975(df) == pytest.approx(value, abs=1e-3), df
     assert all(t_975(df) > t_975(df + 1) for df in range(1, 60))
+    for df in (0, -1):
+        with pytest.raises(ValueError):
+            t_975(df)
 
 
 def test_describe_small_samples():
     assert describe([]) == Stat(None, None, None, 0)
     assert describe([0.5]) == Stat(0.5, 0.0, None, 1)
-    mean, std, ci = hand_stats([1.0, 2.0, 4.0])
-    assert describe([1.0, 2.0, 4.0]) == pytest.approx(Stat(mean, std, ci, 3))
+    assert describe([1.0, 2.0, 4.0]) == pytest.approx(expected_stat([1.0, 2.0, 4.0]))
+    assert describe([1.0, 2.0, 4.0]).ci95 == pytest.approx(3.7946, abs=1e-4)  # 4.3027 * sqrt(7/3) / sqrt(3)
 
 
-# ------------------------------------------------------------------------------------------------- grouping
+# ------------------------------------------------------------------------------------- grouping, real sweep
 
-def test_find_and_group_runs(sweep):
+@pytest.mark.slow
+def test_real_sweep_is_two_groups_of_three_seeds(sweep):
     runs = find_runs([sweep])
-    assert len(runs) == 8
+    assert len(runs) == 6
     groups = group_runs(runs)
-    assert [g.label for g in groups] == ["optimizer.name=sam", "optimizer.name=sgd"]
-    sam, sgd = groups
-    assert sgd.counts() == {"completed": 3, "diverged": 0, "failed": 1, "other": 0}
-    assert sam.counts() == {"completed": 3, "diverged": 1, "failed": 0, "other": 0}
-    assert len({r.signature for r in sgd.runs}) == 1
+    on_disk = runs_on_disk(sweep)
+    assert len(groups) == 2
+    for group in groups:
+        (optimizer,) = {r.config["optimizer"]["name"] for r in group.runs}
+        assert group.signature == on_disk[optimizer][0]["summary"]["signature"]
+        assert sorted(r.summary["seed"] for r in group.runs) == list(SEEDS)
+        assert group.counts() == {"completed": 3, "diverged": 0, "failed": 0, "other": 0}
+        assert f"optimizer.name={optimizer}" in group.label.split()
 
 
-def test_summary_statistics_match_hand_computation(sweep):
-    rows = by_label(summarize(group_runs(find_runs([sweep])), "test/acc"))
-    for opt, label in (("sgd", "optimizer.name=sgd"), ("sam", "optimizer.name=sam")):
-        row = rows[label]
-        assert (row["n"], row["completed"]) == (4, 3)
-        for column, values in (("final_test/acc", ACC[opt]), ("best_test/acc", BEST[opt]),
-                               ("final_test/loss", LOSS[opt])):
-            mean, std, ci = hand_stats(values)
-            assert row[column] == pytest.approx(Stat(mean, std, ci, 3)), column
-        assert row["wall_s"] == pytest.approx(np.mean(WALL[opt]))
-        assert row["passes"] == pytest.approx(6)
+@pytest.mark.slow
+def test_statistics_match_numpy_and_scipy(sweep):
+    rows = rows_by_signature(summarize(group_runs(find_runs([sweep])), "test/acc"))
+    for optimizer, runs in runs_on_disk(sweep).items():
+        row = rows[runs[0]["summary"]["signature"]]
+        summaries = [r["summary"] for r in runs]
+        assert (row["n"], row["completed"]) == (3, 3)
+        final_acc = [s["final"]["test/acc"] for s in summaries]
+        assert np.std(final_acc) > 0, "seeds gave equal accuracies: the CI check would be vacuous"
+        assert row["final_test/acc"] == pytest.approx(expected_stat(final_acc)), optimizer
+        assert row["best_test/acc"] == pytest.approx(expected_stat([s["best"]["test/acc"] for s in summaries]))
+        assert row["final_test/loss"] == pytest.approx(expected_stat([s["final"]["test/loss"] for s in summaries]))
+        assert row["wall_s"] == pytest.approx(np.mean([s["wall_s"] for s in summaries]))
+        assert row["passes"] == pytest.approx(np.mean([s["passes"] for s in summaries]))
 
 
-def test_incomplete_runs_are_counted_not_averaged(sweep):
-    write_run(sweep / "optimizer=sgd" / "seed=4", make_config("sgd", 4), status=None, acc=0.0)  # running
-    write_run(sweep / "optimizer=sgd" / "seed=5", make_config("sgd", 5), status="interrupted", acc=0.0)
-    row = by_label(summarize(group_runs(find_runs([sweep]))))["optimizer.name=sgd"]
-    assert (row["n"], row["completed"], row["failed"], row["other"]) == (6, 3, 1, 2)
-    assert row["final_test/acc"].mean == pytest.approx(np.mean(ACC["sgd"]))
-
-
-def test_different_experiments_are_not_averaged(tmp_path):
-    for name, accs in (("exp_a", [0.5, 0.6]), ("exp_b", [0.8, 0.9])):
-        for seed, acc in enumerate(accs):
-            write_run(tmp_path / name / f"seed={seed}", make_config("sgd", seed, experiment=name), acc=acc)
-    groups = group_runs(find_runs([tmp_path / "exp_a", tmp_path / "exp_b"]))
-    assert [g.label for g in groups] == ["experiment=exp_a", "experiment=exp_b"]
-    rows = by_label(summarize(groups))
-    assert rows["experiment=exp_a"]["final_test/acc"].mean == pytest.approx(0.55)
-    assert rows["experiment=exp_b"]["final_test/acc"].mean == pytest.approx(0.85)
-
-
-def test_single_group_is_labelled_by_experiment_and_has_sharpness(tmp_path):
-    for seed, top in enumerate([10.0, 14.0]):
-        write_run(tmp_path / f"seed={seed}", make_config("sam", seed), extra_final={"sharpness/hessian_top": top})
+@pytest.mark.slow
+def test_incomplete_runs_are_counted_not_averaged(sweep, tmp_path):
+    group = copy_group(sweep, "sgd", tmp_path)
+    finals = [r["summary"]["final"]["test/acc"] for r in runs_on_disk(sweep)["sgd"]]
+    running, failed, interrupted = (group / "seed=10", group / "seed=11", group / "seed=12")
+    for src, dst in zip(SEEDS, (running, failed, interrupted)):
+        shutil.copytree(group / f"seed={src}", dst)
+    (running / "summary.json").unlink()  # no summary yet: still running
+    edit_summary(failed, lambda s: s.update(status="failed"))
+    edit_summary(interrupted, lambda s: s.update(status="interrupted"))
     (row,) = summarize(group_runs(find_runs([tmp_path])))
-    assert row["group"] == "mnist_sam"
+    assert (row["n"], row["completed"], row["failed"], row["diverged"], row["other"]) == (6, 3, 1, 0, 2)
+    assert row["final_test/acc"] == pytest.approx(expected_stat(finals))
+
+
+@pytest.mark.slow
+def test_real_diverged_and_failed_runs_are_counted_in_their_own_groups(sweep, broken):
+    statuses = sorted(json.loads(p.read_text())["status"] for p in broken.glob("*/seed=*/summary.json"))
+    assert statuses == ["diverged", "failed"]
+    alone = rows_by_signature(summarize(group_runs(find_runs([sweep]))))
+    rows = rows_by_signature(summarize(group_runs(find_runs([sweep, broken]))))
+    assert len(rows) == 4
+    for signature_, row in alone.items():
+        assert rows[signature_]["final_test/acc"] == row["final_test/acc"]
+    bad = [row for s, row in rows.items() if s not in alone]
+    assert sorted((r["diverged"], r["failed"], r["completed"], r["n"]) for r in bad) == [(0, 1, 0, 1), (1, 0, 0, 1)]
+    for row in bad:
+        assert row["final_test/acc"] == Stat(None, None, None, 0) and row["wall_s"] is None
+
+
+@pytest.mark.slow
+def test_signature_from_summary_without_config_and_from_config_without_stored_one(sweep, tmp_path):
+    group = copy_group(sweep, "sgd", tmp_path)
+    edit_summary(group / "seed=1", lambda s: s.pop("signature"))  # recomputed from .hydra/config.yaml
+    (group / "seed=2" / ".hydra" / "config.yaml").unlink()  # taken from summary.json
+    runs = find_runs([tmp_path])
+    assert [r.config for r in runs if r.path.name == "seed=2"] == [{}]
+    (only,) = group_runs(runs)
+    assert only.signature == runs_on_disk(sweep)["sgd"][0]["summary"]["signature"]
+    assert only.counts()["completed"] == 3
+    assert only.label == "default"  # one group: labelled by its experiment
+
+
+@pytest.mark.slow
+def test_sharpness_in_summaries_becomes_a_column(sweep, tmp_path):
+    """The trainer writes no sharpness; an analysis adds `sharpness/*` to a summary's final, so edit real ones."""
+    group = copy_group(sweep, "sgd", tmp_path)
+    for seed, top in zip(SEEDS, (10.0, 14.0, 12.0)):
+        edit_summary(group / f"seed={seed}", lambda s, top=top: s["final"].update({"sharpness/hessian_top": top}))
+    (row,) = summarize(group_runs(find_runs([tmp_path])))
+    assert row["final_sharpness/hessian_top"] == pytest.approx(expected_stat([10.0, 14.0, 12.0]))
     assert row["final_sharpness/hessian_top"].mean == pytest.approx(12.0)
-    assert row["final_sharpness/hessian_top"].n == 2
-
-
-def test_run_without_summary_gets_computed_signature(tmp_path):
-    write_run(tmp_path / "a", make_config("sgd", 0), store_signature=False)
-    write_run(tmp_path / "b", make_config("sgd", 1), status=None)
-    (group,) = group_runs(find_runs([tmp_path]))
-    assert group.counts() == {"completed": 1, "diverged": 0, "failed": 0, "other": 1}
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
+@pytest.mark.slow
 def test_cli_csv_parses_and_figures_are_written(sweep, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(sweep), "--format", "csv", "--out", str(out)]) == 0
-    rows = {r["group"]: r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
-    sgd = rows["optimizer.name=sgd"]
-    mean, std, ci = hand_stats(ACC["sgd"])
-    assert float(sgd["final_test/acc_mean"]) == pytest.approx(mean)
-    assert float(sgd["final_test/acc_std"]) == pytest.approx(std)
-    assert float(sgd["final_test/acc_ci95"]) == pytest.approx(ci)
-    assert (int(sgd["completed"]), int(sgd["failed"]), int(sgd["diverged"])) == (3, 1, 0)
-    for name in ("report.csv", "report.md", "curves.png", "bars.png"):
-        assert (out / name).stat().st_size > 0, name
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(csv.DictReader((out / "report.csv").open()))[0].keys() == sgd.keys()
+    stdout = capsys.readouterr().out
+    rows = rows_by_signature(list(csv.DictReader(io.StringIO(stdout))))
+    assert len(rows) == 2
+    for optimizer, runs in runs_on_disk(sweep).items():
+        row = rows[runs[0]["summary"]["signature"]]
+        want = expected_stat([r["summary"]["final"]["test/acc"] for r in runs])
+        got = [float(row[f"final_test/acc_{f}"]) for f in ("mean", "std", "ci95")] + [int(row["final_test/acc_n"])]
+        assert got == pytest.approx(list(want)), optimizer
+        assert (int(row["completed"]), int(row["failed"]), int(row["diverged"]), int(row["other"])) == (3, 0, 0, 0)
+    assert (out / "report.csv").read_text() == stdout
+    assert "final_test/acc" in (out / "report.md").read_text()
+    for name in ("curves.png", "bars.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert (out / name).stat().st_size > 5000, name  # axes, curves and labels, not an empty canvas
 
 
-def test_cli_markdown_default_out_and_columns(sweep, capsys):
-    assert main([str(sweep), "--no-figures", "--columns", "group,completed", "final"]) == 0
+@pytest.mark.slow
+def test_cli_markdown_default_out_and_columns(sweep, tmp_path, capsys):
+    copy = tmp_path / "sweep"
+    for optimizer in OPTIMIZERS:
+        copy_group(sweep, optimizer, copy)
+    assert main([str(copy), "--no-figures", "--columns", "group,completed", "final"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| group | completed | final_test/acc |"
     assert len(lines) == 4
-    mean, std, ci = hand_stats(ACC["sam"])
-    assert lines[2] == f"| optimizer.name=sam | 3 | {mean:.4f} ± {std:.4f} [±{ci:.4f}] |"
-    assert (sweep / "report" / "report.md").exists() and not (sweep / "report" / "curves.png").exists()
+    want = expected_stat([r["summary"]["final"]["test/acc"] for r in runs_on_disk(sweep)["sgd"]])
+    assert 0.1 <= want.mean < 1  # shown with 4 decimals
+    (sgd,) = [line for line in lines if "optimizer.name=sgd" in line]
+    assert sgd.endswith(f" | 3 | {want.mean:.4f} ± {want.std:.4f} [±{want.ci95:.4f}] |")
+    assert (copy / "report" / "report.md").exists() and not (copy / "report" / "curves.png").exists()
     # the report folder inside the sweep is not mistaken for a run on the next call
-    assert main([str(sweep), "--no-figures", "--metric", "test/loss"]) == 0
+    assert main([str(copy), "--no-figures", "--metric", "test/loss"]) == 0
+    assert len(find_runs([copy])) == 6
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -263,12 +292,14 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(tmp_path, sweep, capsys):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     assert "no runs found under" in one_line_error(capsys, [str(tmp_path / "empty")])
     err = one_line_error(capsys, [str(sweep), "--metric", "test/acc5"])
     assert "unknown metric" in err and "test/acc" in err and "train/loss" in err
     assert "unknown column" in one_line_error(capsys, [str(sweep), "--columns", "nope"])
+    assert not (sweep / "report").exists()  # nothing written on bad input
 
 
 def test_cli_subprocess_missing_dir(tmp_path):
@@ -280,26 +311,38 @@ def test_cli_subprocess_missing_dir(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"report: no such directory: {missing}"]
 
 
-def test_partial_sweep_with_nothing_finished(tmp_path, capsys):
-    write_run(tmp_path / "seed=0", make_config("sgd", 0), status=None, epochs=0)  # just started: no metrics
-    write_run(tmp_path / "seed=1", make_config("sgd", 1), status=None)  # running, metrics logged
+@pytest.mark.slow
+def test_partial_sweep_with_nothing_finished(sweep, tmp_path, capsys):
+    group = copy_group(sweep, "sgd", tmp_path / "sweep")
+    for seed in SEEDS:
+        (group / f"seed={seed}" / "summary.json").unlink()
+    (group / "seed=0" / "metrics.jsonl").write_text("")  # just started: nothing logged yet
     out = tmp_path / "out"
-    assert main([str(tmp_path), "--out", str(out)]) == 0
-    (row,) = summarize(group_runs(find_runs([tmp_path])))
-    assert (row["n"], row["completed"], row["other"]) == (2, 0, 2)
+    assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    (row,) = summarize(group_runs(find_runs([tmp_path / "sweep"])))
+    assert (row["n"], row["completed"], row["other"]) == (3, 0, 3)
     assert row["final_test/acc"] == Stat(None, None, None, 0) and row["wall_s"] is None
     assert (out / "curves.png").exists() and (out / "bars.png").exists()
 
 
-def test_metric_missing_from_summary_falls_back_on_metrics_jsonl(tmp_path):
-    run_dir = write_run(tmp_path / "seed=0", make_config("sgd", 0), loss=0.25)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    del summary["final"]["test/loss"], summary["best"]["test/acc"]
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+@pytest.mark.slow
+def test_metric_missing_from_summary_falls_back_on_metrics_jsonl(sweep, tmp_path):
+    run_dir = copy_group(sweep, "sgd", tmp_path) / "seed=0"
+    for other in SEEDS[1:]:
+        shutil.rmtree(run_dir.parent / f"seed={other}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["test/loss"] for r in records if "test/loss" in r]
+    accs = [r["test/acc"] for r in records if "test/acc" in r]
+    assert len(set(losses)) > 1 and len(set(accs)) > 1, "min and max must differ for the test to tell them apart"
+
+    def drop(summary):
+        del summary["final"]["test/loss"], summary["best"]["test/acc"]
+
+    edit_summary(run_dir, drop)
     (run,) = find_runs([tmp_path])
-    assert run.final_value("test/loss") == pytest.approx(0.25)  # last logged value
-    assert run.final_value("train/acc") is None
-    assert run.best("test/loss") == pytest.approx(0.25)  # lower is better
-    assert run.best("test/acc") == pytest.approx(0.9)  # higher is better
+    assert run.final_value("test/loss") == pytest.approx(losses[-1])  # last logged value
+    assert run.final_value("val/acc") is None
+    assert run.best("test/loss") == pytest.approx(min(losses))  # lower is better
+    assert run.best("test/acc") == pytest.approx(max(accs))  # higher is better
     (row,) = summarize(group_runs([run]), "test/loss")
-    assert row["final_test/loss"] == Stat(0.25, 0.0, None, 1)
+    assert row["final_test/loss"] == pytest.approx(Stat(losses[-1], 0.0, None, 1))

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad
 
-from runner.optim import build_optimizer
+from runner.config import ConfigError
+from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.bn import FrozenBNStats
 from runner.optim.sam import SAM
 
@@ -97,10 +98,28 @@ def test_step_without_closure_is_a_clear_error():
         SAM(model.parameters(), torch.optim.SGD, lr=0.1).step()
 
 
-def test_sam_from_config_declares_two_passes():
+def test_sam_from_config_over_a_base_given_by_name_or_node():
     model, _, _ = tiny_problem()
-    optimizer, caps = build_optimizer({"name": "sam", "rho": 0.1, "base": "adamw", "lr": 1e-3}, model.parameters())
-    assert isinstance(optimizer.base_optimizer, torch.optim.AdamW) and caps["passes_per_step"] == 2
+    flat = OPTIMIZERS.validate({"name": "sam", "rho": 0.1, "base": "adamw", "lr": 1e-3})
+    optimizer = build_optimizer(flat, model.parameters())
+    assert isinstance(optimizer.base_optimizer, torch.optim.AdamW) and capabilities(flat).passes_per_step == 2
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["rho"]) == (1e-3, 5e-4, 0.1)  # flat values reach the base
+    nested = OPTIMIZERS.validate({"name": "sam", "base": {"name": "adamw", "lr": 3e-4, "betas": [0.8, 0.9]}})
+    group = build_optimizer(nested, model.parameters()).param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (3e-4, (0.8, 0.9), 5e-4)  # node wins, rest flat
+
+
+@pytest.mark.parametrize("node, key", [
+    ({"name": "sam", "base": "lion"}, "optimizer.base.name"),
+    ({"name": "sam", "base": {"name": "adamw", "momentum": 0.9}}, "optimizer.base.momentum"),
+    ({"name": "sam", "base": {"name": "sgd", "lr": -1.0}}, "optimizer.base.lr"),
+    ({"name": "sam", "rho": -0.1}, "optimizer.rho"),
+])
+def test_base_optimizer_is_validated_recursively(node, key):
+    with pytest.raises(ConfigError) as err:
+        OPTIMIZERS.validate(node)
+    assert key in str(err.value)
 
 
 def test_frozen_bn_stats_leaves_running_statistics_alone():
@@ -120,21 +139,21 @@ def test_frozen_bn_stats_leaves_running_statistics_alone():
 
 def test_training_loop_updates_bn_running_stats_in_the_first_pass_only():
     """One SAM step through the runner's loop: BN sees the same batch twice, folds it in once (closed form)."""
-    from runner.data import Data, DeviceBatches
     from runner.train import Progress, TrainerConfig, train
-    from tasks.image_classification import Split
+
+    try:
+        from tests.test_loop import Collect, loop_experiment
+    except ImportError:
+        from test_loop import Collect, loop_experiment
 
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (32, 1, 2, 2), dtype=torch.uint8)
-    batches = DeviceBatches(Split(x, torch.randint(0, 3, (32,))), 32, (0.0,), (1.0,), shuffle=False, augment=False)
-    data = Data(train=batches, evals={}, num_classes=3, in_channels=1, image_size=2, noisy_fraction=0.0)
+    x = torch.rand(32, 1, 2, 2)
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 3))  # BN input does not depend on w
-    optimizer, _ = build_optimizer({"name": "sam", "rho": 0.5, "lr": 0.1}, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    experiment = loop_experiment(model, x, torch.randint(0, 3, (32,)), {"name": "sam", "rho": 0.5, "lr": 0.1},
+                                 TrainerConfig(epochs=1, progress=False), batch_size=32)
     progress = Progress()
-    status = train(model, nn.CrossEntropyLoss(), optimizer, scheduler, data, TrainerConfig(epochs=1, progress=False),
-                   torch.device("cpu"), progress, on_epoch=lambda record: None, on_checkpoint=lambda: None)
-    bn, flat = model[1], x.view(32, 4).float() / 255
+    status = train(experiment, progress, Collect())
+    bn, flat = model[1], x.view(32, 4)
     assert status == "completed" and progress.passes == 2
     torch.testing.assert_close(bn.running_mean, 0.1 * flat.mean(0))          # momentum 0.1, one update
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * flat.var(0))      # unbiased batch variance
