@@ -87,9 +87,11 @@ def test_default_command_end_to_end(run_cli, tmp_path):
     assert state["progress"]["epoch"] == 20 and state["progress"]["step"] == summary["steps"]
     from omegaconf import OmegaConf
 
-    from runner.models import build_model
+    from runner.models import MODELS
+    from tasks import ImageInput
 
-    model = build_model(OmegaConf.load(CONF_DIR / "model" / "mlp.yaml"), 10, 1, 8)
+    model = MODELS.validate(OmegaConf.load(CONF_DIR / "model" / "mlp.yaml")).build(input=ImageInput(1, 8),
+                                                                                   num_classes=10)
     model.load_state_dict(state["model"])  # the checkpoint is the default model's weights
     assert not list(tmp_path.glob("outputs")), "hydra.run.dir was given: nothing goes to ./outputs"
 

@@ -101,8 +101,8 @@ def rows_by_signature(rows: list[dict]) -> dict[str, dict]:
 def test_signature_ignores_seed_paths_device_and_logger(compose):
     cfg = OmegaConf.to_container(compose(["logger=none"]), resolve=True)
     other = OmegaConf.to_container(compose(["seed=7", "dataset.root=/elsewhere", "dataset.download=true",
-                                            "trainer.device=cuda", "trainer.progress=true", "trainer.checkpoint_every=5",
-                                            "logger=wandb"]), resolve=True)
+                                            "trainer.device=cuda", "trainer.progress=true",
+                                            "trainer.checkpoint_every=5", "logger=wandb"]), resolve=True)
     other["hydra"] = {"run": {"dir": "x"}}
     assert cfg != other
     assert signature(cfg) == signature(other)

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,7 +318,8 @@ def test_report_matches_a_hand_computation(two_seed_sweep, capsys):
     assert len(accs) == 2
     mean = sum(accs) / 2
     std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (2 - 1))  # sample std, ddof=1
-    ci95 = 12.71 * std / math.sqrt(2)  # t_{0.975}(1) = 12.71
+    low, high = scipy.stats.t.interval(0.95, 1, loc=mean, scale=std / math.sqrt(2))  # Student t, 1 dof
+    ci95 = (high - low) / 2
 
     assert report.main([str(sweep), "--format", "csv", "--no-figures", "--out", str(root / "report")]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
