@@ -1,8 +1,8 @@
 """Benchmark: the runner's training epoch against a minimal hand-written loop and the usual DataLoader pipeline.
 
 Claim
-    The runner (`runner.run.run`: Hydra config, registries, closure-driven optimizer step, per-step lr schedule,
-    device-side metrics, tqdm wrapper) costs no more than a minimal hand-written loop doing the same work:
+    The runner (`runner.train.train` on `runner.experiment.build(spec)`: Hydra config, registries, closure-driven
+    optimizer step, per-step lr schedule, device-side metrics, the step clock and its callbacks, tqdm wrapper) costs no more than a minimal hand-written loop doing the same work:
     runner / minimal <= 1.10 on CPU and <= 1.05 on GPU. On a GPU, device-resident data with batched crop+flip
     makes the runner >= 3x faster than the usual DataLoader + torchvision-transforms pipeline
     (DataLoader / runner >= 3). On a CPU the DataLoader ratio is reported without a target (compute-bound).
@@ -10,14 +10,14 @@ Claim
 How it is measured (one process, the same model and the same data for all three)
     (a) runner:  the real config composed with Hydra's compose API from conf/ (logger=none, trainer.progress=false,
         dataset=synthetic, model=<--model>, optimizer=<--optimizer>, dataset.synthetic_size/batch_size,
-        trainer.device), run by `runner.run.run(cfg, tmp_dir)`; per-epoch `time/epoch_s` is read from
-        metrics.jsonl. That time includes an evaluation on the test split whenever one is due, and the last
+        trainer.device), validated, built by `runner.experiment.build` and trained by `runner.train.train` with
+        a sink that keeps the records in memory; per-epoch `time/epoch_s` is read from the records. That time includes an evaluation on the test split whenever one is due, and the last
         epoch is always evaluated; so trainer.eval_every is set above trainer.epochs, the runner trains
         1 warm-up + N timed + 1 final epoch, and only the N middle epochs are used (the final, evaluated epoch
         is dropped; its excess over the median is printed as the evaluation cost). Checkpoints are off
         (trainer.checkpoint_every=0; the final checkpoint is written after the timed region anyway).
-    (b) minimal: the same uint8 train tensors on the device (built by `runner.data.build_data` from the same
-        dataset config and seed), a seeded `randperm` per epoch, index, `runner.data.crop_flip` (the same batched
+    (b) minimal: the same uint8 train tensors on the device (built by the dataset's task plugin from the same
+        dataset config and seed), a seeded `randperm` per epoch, index, `crop_flip` (the same batched
         crop + flip), float normalize per batch, forward, cross-entropy, backward, `torch.optim.SGD` step
         (the optimizer config's lr/momentum/weight_decay); for --optimizer sam the two passes by hand (grad norm,
         perturb, second forward/backward with BN running stats frozen, restore by copy, base SGD step).
@@ -28,8 +28,8 @@ How it is measured (one process, the same model and the same data for all three)
         images made from the same uint8 arrays, with torchvision RandomCrop(32, padding=4),
         RandomHorizontalFlip, ToTensor, Normalize (same mean/std); fp32 on the device, contiguous format, the same
         batch size, model and optimizer step as (b). 1 warm-up + N timed epochs.
-    Interleaving: (b) and (c) run from the runner's per-epoch hook (the bench wraps `RunDir.log`, which `run`
-    calls after `time/epoch_s` is taken and before the next epoch's clock starts), so after runner epoch k come
+    Interleaving: (b) and (c) run from the sink's `record` (which `train` calls after `time/epoch_s` is taken
+    and before the next epoch's clock starts), so after runner epoch k come
     epoch k of (b) and of (c): all three see the same machine state within seconds. --rounds repeats the whole
     thing (fresh run, fresh models; default 2), alternating the order of (b) and (c), and pools the timed epochs.
     On CUDA every pipeline runs with TF32 and cudnn.benchmark on (the runner's settings, set process-wide before
@@ -52,12 +52,10 @@ Usage
     python scripts/bench_train.py --device cuda                  # GPU defaults: resnet18, 50000 images, batch 512
 """
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -161,10 +159,10 @@ def sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------- shared by (b), (c)
 def make_model_and_optimizer(cfg, data, device, channels_last: bool):
-    from runner.models import build_model
+    from runner.models import MODELS
 
     torch.manual_seed(cfg.seed)  # the runner seeds the same way right before building its model
-    model = build_model(cfg.model, data.num_classes, data.in_channels, data.image_size).to(device)
+    model = MODELS.validate(cfg.model).build(input=data.input, num_classes=data.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optimizer
@@ -225,13 +223,13 @@ class MinimalLoop:
         self.step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0),
                             autocast_factory(device, gpu))
         self.X, self.Y, self.bs = data.train.x, data.train.y, cfg.dataset.batch_size
-        self.mean, self.std = data.train.mean, data.train.std          # (1, C, 1, 1), in 0..255 units
+        self.mean, self.std = data.train.transform.mean, data.train.transform.std  # (1, C, 1, 1), 0..255 units
         self.fmt = torch.channels_last if gpu else torch.contiguous_format
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
         self.device = device
 
     def epoch(self) -> float:
-        from runner.data import crop_flip
+        from tasks.image_classification import crop_flip
 
         X, Y, bs, n = self.X, self.Y, self.bs, len(self.Y)
         sync(self.device)
@@ -274,8 +272,8 @@ class LoaderLoop:
         model.train()
         self.step = Stepper(model, opt, cfg.optimizer.name, cfg.optimizer.get("rho", 0.0),
                             autocast_factory(device, False))
-        mean = (data.train.mean / 255).flatten().tolist()
-        std = (data.train.std / 255).flatten().tolist()
+        mean = (data.train.transform.mean / 255).flatten().tolist()
+        std = (data.train.transform.std / 255).flatten().tolist()
         transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                T.Normalize(mean, std)])
         x = data.train.x.cpu().permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C) like CIFAR10.data
@@ -299,15 +297,16 @@ class LoaderLoop:
 
 # ------------------------------------------------------------------------------- (a) runner, with (b), (c) paired
 def bench_round(cfg, data, device, args, gpu: bool, reverse: bool) -> tuple[dict, float]:
-    """One `run(cfg)` of 1 + N + 1 epochs; after each of its first N + 1 epochs, one epoch of each other loop.
+    """One `train()` of 1 + N + 1 epochs; after each of its first N + 1 epochs, one epoch of each other loop.
 
-    The other loops run from the runner's per-epoch hook (`RunDir.log`, called after `time/epoch_s` has been
-    taken and before the next epoch's clock starts), so they never fall inside a runner epoch, and epoch k of
+    The other loops run from the sink's `record` (called after `time/epoch_s` has been taken and before the
+    next epoch's clock starts), so they never fall inside a runner epoch, and epoch k of
     every pipeline runs within seconds of the others: load from other processes hits them alike.
     Returns the timed epochs per pipeline (epoch 1 is warm-up everywhere) and the runner's final epoch time.
     """
-    from runner.rundir import RunDir
-    from runner.run import run
+    from runner.experiment import build
+    from runner.spec import validate
+    from runner.train import Progress, train
 
     n = args.epochs
     loops = {}
@@ -317,25 +316,30 @@ def bench_round(cfg, data, device, args, gpu: bool, reverse: bool) -> tuple[dict
         loops["dataloader"] = LoaderLoop(cfg, data, device, gpu, args.workers)
     order = list(loops)[::-1] if reverse else list(loops)
     times = {k: [] for k in loops}
-    original_log = RunDir.log
+    records = []
 
-    def log_then_pair(self, record: dict) -> None:
-        original_log(self, record)
-        if record.get("epoch", n + 2) <= n + 1:
-            for k in order:
-                t = loops[k].epoch()
-                if record["epoch"] >= 2:
-                    times[k].append(t)
+    class PairedSink:
+        """Keeps the runner's records; after each, one epoch of every other loop."""
+
+        def record(self, record: dict) -> None:
+            records.append(record)
+            if record.get("epoch", n + 2) <= n + 1:
+                for k in order:
+                    t = loops[k].epoch()
+                    if record["epoch"] >= 2:
+                        times[k].append(t)
+
+        def checkpoint(self) -> None:  # checkpoints are not part of the timed work
+            pass
+
+        def best(self) -> None:
+            pass
 
     try:
-        RunDir.log = log_then_pair
-        with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-            summary = run(cfg, tmp)
-            if summary["status"] != "completed":
-                raise RuntimeError(f"runner run ended {summary['status']}: {summary.get('error')}")
-            records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if line]
+        status = train(build(validate(cfg), device), Progress(), PairedSink())
+        if status != "completed":
+            raise RuntimeError(f"runner run ended {status}")
     finally:
-        RunDir.log = original_log
         for loop in loops.values():
             loop.close()
     epoch_s = {r["epoch"]: r["time/epoch_s"] for r in records if "time/epoch_s" in r}
@@ -365,10 +369,9 @@ def main(argv=None) -> dict:
           f"precision={'bf16 autocast + channels_last' if gpu else 'fp32'} (runner, minimal); fp32 (DataLoader)")
     print("runner overrides: " + " ".join(overrides), flush=True)
 
-    from runner.data import build_data
-    from runner.run import validate
+    from runner.spec import validate
     spec = validate(cfg)
-    data = build_data(spec.dataset, spec.seed, device, channels_last=gpu)  # the tensors the runner will build
+    data = spec.dataset.build(seed=spec.seed, device=device, channels_last=gpu)  # the tensors the runner builds
 
     results, finals = {}, []
     for r in range(args.rounds):  # the other loops' order alternates between rounds
@@ -386,7 +389,7 @@ def main(argv=None) -> dict:
         """Median over the timed epochs of a's epoch k / b's epoch k (run seconds apart: load largely cancels)."""
         return statistics.median(x / y for x, y in zip(results[a], results[b]))
 
-    names = {"runner": "(a) runner: `run(cfg)`",
+    names = {"runner": "(a) runner: `train(build(spec))`",
              "minimal": "(b) minimal loop, device data + crop_flip",
              "dataloader": f"(c) DataLoader ({args.workers} workers) + torchvision, fp32"}
     print()

@@ -56,6 +56,7 @@ ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
 # input shape (channels, size) and number of classes of each dataset
 SHAPES = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10),
           "cifar100": (3, 32, 100), "synthetic": (3, 32, 10)}
+FEATURES = {"wine": (13, 3), "breast_cancer": (30, 2)}  # feature datasets: (dim, classes)
 CIFAR_MODELS = ("resnet18", "wrn")  # checked at 3x32x32; the others at digits' 1x8x8
 
 
@@ -163,7 +164,8 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
     """Load it (fake files in the real formats for the file-based ones) and run the default model on a batch."""
     params = OmegaConf.to_container(node, resolve=True)
     name = params["name"]
-    params["root"] = str(tmp_path)
+    if "root" in params:
+        params["root"] = str(tmp_path)
     if name == "synthetic":
         params["synthetic_size"] = 40
     elif name in ("cifar10", "cifar100"):
@@ -173,10 +175,14 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
     elif name in ("mnist", "fashion_mnist"):
         write_fake_mnist(tmp_path, n_train=12, n_test=4, name={"mnist": "MNIST"}.get(name, "FashionMNIST"))
     task = TASKS.validate(params).build(seed=0, device=torch.device("cpu"))
-    channels, size, num_classes = SHAPES[name]
-    assert (task.input.shape, task.num_classes) == ((channels, size, size), num_classes)
+    if name in FEATURES:
+        shape, num_classes = (FEATURES[name][0],), FEATURES[name][1]
+    else:
+        channels, size, num_classes = SHAPES[name]
+        shape = (channels, size, size)
+    assert (task.input.shape, task.num_classes) == (shape, num_classes)
     x, y, _ = next(iter(task.train))
-    assert x.shape[1:] == (channels, size, size) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape[1:] == shape and x.dtype == torch.float32 and y.dtype == torch.int64
     assert set(task.evals) >= {"test"}
     model = MODELS.validate({"name": "mlp", "hidden": [16]}).build(input=task.input, num_classes=num_classes)
     assert model(x).shape == (len(y), num_classes)

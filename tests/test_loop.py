@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 
 from runner.data import DeviceBatches
+from runner.experiment import Experiment
+from runner.losses.cross_entropy import CrossEntropy
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
@@ -48,10 +50,7 @@ def loop_experiment(model, x, y, optimizer_node, trainer: TrainerConfig, batch_s
     steps_per_epoch = len(train_batches)
     total = trainer.total_steps(steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (total + 1))
-    from runner.experiment import Experiment
-
-    objective = OPTIMIZERS and __import__("runner.losses.cross_entropy", fromlist=["CrossEntropy"]).CrossEntropy()
-    return Experiment(SimpleNamespace(trainer=trainer), DEVICE, task, model, objective, optimizer, scheduler, caps)
+    return Experiment(SimpleNamespace(trainer=trainer), DEVICE, task, model, CrossEntropy(), optimizer, scheduler, caps)
 
 
 def blobs(n=64, d=5, classes=3, seed=0):

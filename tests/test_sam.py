@@ -115,6 +115,7 @@ def test_sam_from_config_over_a_base_given_by_name_or_node():
     ({"name": "sam", "base": {"name": "adamw", "momentum": 0.9}}, "optimizer.base.momentum"),
     ({"name": "sam", "base": {"name": "sgd", "lr": -1.0}}, "optimizer.base.lr"),
     ({"name": "sam", "rho": -0.1}, "optimizer.rho"),
+    ({"name": "sam", "base": "sam"}, "optimizer.base.name"),   # SAM over SAM: the base must take plain steps
 ])
 def test_base_optimizer_is_validated_recursively(node, key):
     with pytest.raises(ConfigError) as err:

@@ -421,12 +421,16 @@ def test_second_process_on_a_running_folder_exits_with_one_line(tmp_path, spawn)
     try:
         before = snapshot(run_dir)
         assert "metrics.jsonl" in before
-        second = runner_process(tmp_path, *args, timeout=TIMEOUT)
+        second = spawn("second", *args)
+        try:  # startup is a few seconds; if it ignored the lock it would train for minutes
+            code = second.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the second process did not exit within 120 s: it is training in the locked folder")
         after = snapshot(run_dir)
     finally:
         first.proc.send_signal(signal.SIGCONT)
     assert first.proc.poll() is None, "the first run died"
-    assert second.returncode != 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert code != 0, second.stderr[-3000:]
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, second.stderr[-3000:]
     assert "being trained by another process" in lines[0] and str(run_dir) in lines[0], lines[0]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from runner.config import Choice, Registry
+from runner.config import Choice, ConfigError, Registry
 
 OPTIMIZERS = Registry("optimizer")
 
@@ -55,6 +55,9 @@ class Wraps:
                 if key in fields and key not in node and hasattr(self, key):
                     node[key] = getattr(self, key)
         self.base = OPTIMIZERS.validate(node, prefix=f"{prefix}.base")
+        if capabilities(self.base).passes_per_step != 1:
+            raise ConfigError(f"{prefix}.base.name", self.base.name, "an optimizer that takes one plain step "
+                              "(the wrapper drives the extra passes itself)")
 
 
 def build_optimizer(choice: Choice, params) -> torch.optim.Optimizer:
