@@ -230,6 +230,7 @@ def test_grad_clip_clips_the_global_gradient_norm(tmp_path):
 
 # ----------------------------------------------------------------------------------------- 2. eval_every
 
+@pytest.mark.slow  # ~5 s on 2 cores: one CLI run
 def test_eval_every_evaluates_on_multiples_and_the_last_epoch(tmp_path):
     dirs = run_all(tmp_path, {"run": (*TINY, "trainer.epochs=5", "trainer.eval_every=2")})
     s, records = completed(dirs["run"], 5)
@@ -355,6 +356,7 @@ def test_resume_takes_the_optimizer_hyperparameters_from_the_checkpoint(resume_s
 
 # ------------------------------------------------------------------ 6. reported loss under label smoothing
 
+@pytest.mark.slow  # ~5 s on 2 cores: one CLI run
 def test_reported_test_loss_is_plain_cross_entropy_under_label_smoothing(tmp_path):
     dirs = run_all(tmp_path, {"run": (*TINY, "trainer.epochs=2", "loss.label_smoothing=0.5")})
     s, records = completed(dirs["run"], 2)
