@@ -81,6 +81,7 @@ class Progress:
     wall_s: float = 0.0
     final: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)  # train-metric sums not yet recorded, at a mid-record checkpoint
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,16 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
 
     sums = task.metrics.zeros(device)      # train metrics since the last record, read at records only
     seen = records_since_checkpoint = 0
+    if progress.pending:                   # resumed from a checkpoint taken between two records
+        sums = [torch.tensor(v, dtype=z.dtype, device=device) for v, z in zip(progress.pending["sums"], sums)]
+        seen, progress.pending = progress.pending["seen"], {}
+
+    def checkpoint() -> None:
+        """At an epoch end; the sums since the last record go with it (a sync, but only at a checkpoint taken
+        between records, on the step clock), so a resumed run's next record is the uninterrupted run's."""
+        progress.pending = {"sums": [s.item() for s in sums], "seen": seen} if seen else {}
+        sink.checkpoint()
+        progress.pending = {}
     update = lambda logits, y: task.metrics.update(sums, logits, y)  # noqa: E731  (reads `sums` when called)
     mark = time.perf_counter()
     experiment.model.train()
@@ -196,7 +207,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
             records_since_checkpoint += due_train
             if not (due_train or due):
                 if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
-                    sink.checkpoint()
+                    checkpoint()
                     records_since_checkpoint = 0
                 continue
             record = {"step": progress.step,
@@ -228,9 +239,9 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
             if final:
                 break
             if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
-                sink.checkpoint()
+                checkpoint()
                 records_since_checkpoint = 0
-    sink.checkpoint()
+    checkpoint()
     return "completed"
 
 

@@ -125,6 +125,7 @@ def test_wandb_offline_run_and_no_key_on_disk(run_cli, tmp_path):
     assert FAKE_KEY not in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_wandb_disabled(run_cli, tmp_path):
     out = run_cli("logger=wandb", "logger.mode=disabled", "trainer.epochs=1")
     run_dir = tmp_path / "run"
@@ -177,6 +178,7 @@ runpy.run_module("runner", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 def test_sam_cifar_cli_on_fake_cifar10(run_cli, tmp_path):
     fake = write_fake_cifar10(tmp_path / "data", n_train=80, n_test=16)
     (tmp_path / "md5.json").write_text(json.dumps(fake.md5))
@@ -200,6 +202,7 @@ def test_mnist_cli_on_fake_files_relative_root(run_cli, tmp_path):
 # sweeps
 
 
+@pytest.mark.slow
 def test_multirun_over_seeds(run_cli, tmp_path):
     out = run_cli("-m", "seed=0,1", "trainer.epochs=1", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -225,6 +228,7 @@ DIVERGING = ("model.hidden=[]", "optimizer.lr=1", "optimizer.momentum=0.0", "opt
              "scheduler=constant", "trainer.epochs=5")
 
 
+@pytest.mark.slow
 def test_divergence_is_a_result_and_keeps_the_epochs_before(run_cli, tmp_path):
     out = run_cli(*DIVERGING)
     assert out.returncode == 0, out.stderr[-3000:]  # a divergence is a result, not an error

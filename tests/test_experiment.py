@@ -109,3 +109,48 @@ def test_a_job_meeting_a_foreign_checkpoint_refuses_it(tmp_path, compose):
         run(compose(["trainer.epochs=1", "model.hidden=[9]", "logger=none", "trainer.progress=false"]), tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == checkpoint
     assert first["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_kill_9_on_the_step_clock_resumes_to_the_identical_run(tmp_path):
+    """Mini-batches with records every 7 steps (not at epoch ends): checkpoints fall between records, yet a run
+    killed with SIGKILL and rerun logs exactly the uninterrupted run's records and ends with its weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    try:
+        from tests.conftest import cli_env
+    except ImportError:
+        from conftest import cli_env
+
+    args = ["dataset=breast_cancer", "dataset.batch_size=100", "trainer.steps=400", "trainer.eval_every_steps=7",
+            "model.hidden=[64,64]", "trainer.deterministic=true", "logger=none", "trainer.progress=false"]
+    twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}")
+    assert twin.returncode == 0, twin.stderr
+    victim_dir = tmp_path / "victim"
+    victim = subprocess.Popen([sys.executable, "-m", "runner", *args, f"hydra.run.dir={victim_dir}"], cwd=tmp_path,
+                              env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = victim_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (victim_dir / "summary.json").exists()
+    rerun = runner_process(tmp_path, *args, f"hydra.run.dir={victim_dir}")
+    assert rerun.returncode == 0, rerun.stderr
+    read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(victim_dir) == read(tmp_path / "twin")
+    summary = json.loads((victim_dir / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] >= 1 and summary["final"] == json.loads(
+        (tmp_path / "twin" / "summary.json").read_text())["final"]
+    a = torch.load(victim_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "twin" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

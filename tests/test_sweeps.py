@@ -291,6 +291,7 @@ def two_seed_sweep(tmp_path_factory):
     return root, sweep
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_sweep_retrains_nothing(two_seed_sweep):
     root, sweep = two_seed_sweep
     dirs = run_dirs(sweep)
@@ -335,6 +336,7 @@ def test_report_matches_a_hand_computation(two_seed_sweep, capsys):
 
 # ------------------------------------------------------------------------- 4. concurrent sweeps and runs
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_keep_their_runs_apart(tmp_path, spawn):
     sweep = tmp_path / "sweep"
     common = ("scheduler=constant", "trainer.epochs=2", f"hydra.sweep.dir={sweep}")
@@ -355,6 +357,7 @@ def test_two_sweeps_started_together_keep_their_runs_apart(tmp_path, spawn):
         assert summary(d)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_two_single_runs_in_the_same_second_get_their_own_folders(tmp_path, spawn):
     jobs = [spawn(f"single{i}", "trainer.epochs=1") for i in range(2)]
     for job in jobs:
@@ -388,6 +391,7 @@ def test_process_launchers_run_a_sweep(tmp_path, launcher):
 
 # ----------------------------------------------------------------- 6. corrupt last.pt, readable prev.pt
 
+@pytest.mark.slow
 def test_corrupt_last_checkpoint_resumes_from_prev(two_seed_sweep, tmp_path):
     """A copy of the finished two-seed sweep, its seed=0 run made to look killed with a torn last.pt."""
     _, original = two_seed_sweep
