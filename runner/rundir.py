@@ -4,7 +4,8 @@ these names and these readers.
     .hydra/config.yaml   the resolved config (written by Hydra)
     metrics.jsonl        one JSON object per log event
     summary.json         status, final/best metrics, provenance (written at the end and on failure)
-    checkpoints/         last.pt and prev.pt (atomic writes; prev.pt is the fallback for a torn last.pt)
+    checkpoints/         last.pt and prev.pt (atomic writes; prev.pt is the fallback for a torn last.pt), best.pt
+                         with trainer.save_best; each holds the resolved config (self-describing)
     analysis/            arrays (.npz), figures (.png), numbers (.json)
 
 Every write that a reader may see half-done (summary, checkpoints) goes to a temp file and is renamed over
@@ -31,6 +32,7 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 PREVIOUS_CHECKPOINT = "prev.pt"
+BEST_CHECKPOINT = "best.pt"
 ANALYSIS = "analysis"
 LOCK = ".lock"
 
@@ -51,9 +53,6 @@ def _json_safe(value):
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-BEST_CHECKPOINT = "best.pt"
 
 
 class RunDir:

@@ -3,7 +3,6 @@ job's record ever replaces another's (sweeps over keys outside the run identity,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
