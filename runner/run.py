@@ -115,6 +115,9 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
     logger = spec.logger.build(run_dir=record.path, config=spec.resolved,
                                name=_overrides(record.path) or spec.experiment, group=f"{spec.experiment}-{sig}",
                                job_type=spec.experiment, run_id=run_id)
+    if resume is not None:  # the dashboard gets the whole history: the records before the checkpoint again
+        for metrics in record.read_metrics():
+            logger.log(metrics, step=metrics["step"])
     git = git_state(diff_to=record.path / "git.diff")
 
     def summary(status: str, error: str | None = None) -> dict:

@@ -18,7 +18,8 @@ class Logger:
     """
 
     def log(self, metrics: dict, step: int) -> None:
-        """Send one epoch's metrics (already in metrics.jsonl)."""
+        """Send one record (already in metrics.jsonl). On resume the run's earlier records are sent again first,
+        in order, so a dashboard run (same id) ends up with the whole history."""
 
     def finish(self, summary: dict) -> None:
         """Close the dashboard run with the summary (already in summary.json)."""
