@@ -8,5 +8,11 @@ from runner.sweep import new_launch
 if __name__ == "__main__":
     preflight_all(sys.argv[1:])
     new_launch()
-    main()
-    sys.exit(sweep_exit_code())
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run is recorded `interrupted`; one line, not a traceback
+        signal_name = str(e) or "Ctrl-C"
+        print(f"interrupted ({signal_name}): the run is recorded as interrupted; the same command resumes it",
+              file=sys.stderr)
+        sys.exit(143 if signal_name == "SIGTERM" else 130)
+    sys.exit(sweep_exit_code(sys.argv[1:]))

@@ -24,7 +24,7 @@ register_resolvers()
 
 def task(cfg: DictConfig) -> str:
     """One job: a plain module-level function, so launchers in other processes can pickle it."""
-    from runner.run import ForeignRunDir, RunBusy, failed_summary, run  # after Hydra parsed the command line
+    from runner.run import ForeignRunDir, RunBusy, RunFailed, failed_summary, run  # after Hydra parsed argv
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -37,15 +37,17 @@ def task(cfg: DictConfig) -> str:
             fail(str(e))
         except RunBusy as e:
             fail(str(e))
-        if summary.get("skipped"):
-            print(f"already {summary['status']}: {run_dir}", file=sys.stderr)
+        except RunFailed as e:  # recorded in summary.json, the traceback in runner.log
+            fail(f"failed: {e} (the record: {run_dir}/summary.json, traceback in runner.log)", code=1)
+        print(outcome(summary, run_dir), file=sys.stderr)
         return summary["status"]
 
     sweep_dir = hydra_cfg.sweep.dir
+    link_readable_name(run_dir, hydra_cfg.job.override_dirname)
     try:
         summary = run(cfg, run_dir)
         status = "skipped" if summary.get("skipped") else summary["status"]
-        log.info("%s: %s", status, run_dir)
+        log.info("%s", outcome(summary, run_dir))
     except KeyboardInterrupt:
         raise
     except RunBusy as e:
@@ -58,11 +60,35 @@ def task(cfg: DictConfig) -> str:
         status = "failed"
         failed_summary(run_dir, str(e))
         log.error("failed: %s: %s", run_dir, e)
-    except Exception as e:  # recorded in summary.json by run(); the sweep goes on
+    except RunFailed as e:  # recorded in summary.json by run(); the sweep goes on
         status = "failed"
-        log.exception("failed: %s: %s", run_dir, e)
+        log.error("failed: %s: %s (traceback in its runner.log)", run_dir, e)
     record_job(sweep_dir, run_dir, status)
     return status
+
+
+def outcome(summary: dict, run_dir: Path) -> str:
+    """The line a run ends with: status, the headline metric, where it is."""
+    status = f"already {summary['status']}" if summary.get("skipped") else summary["status"]
+    final = summary.get("final") or {}
+    shown = [f"{k}={final[k]:.4g}" for k in ("test/acc", "test/loss", "train/loss")
+             if isinstance(final.get(k), float)][:2]
+    return f"{status}: {' '.join(shown) or 'no metrics'} -> {run_dir}"
+
+
+def link_readable_name(run_dir: Path, override_dirname: str) -> None:
+    """Beside a sweep run's config folder (named by its signature), a symlink named by the overrides that
+    reached it: `optimizer=sam-<sig> -> <sig>`. Identity comes from the config; the name is for people."""
+    from runner.sweep import readable_name
+
+    config_dir = run_dir.parent
+    link = config_dir.parent / readable_name(override_dirname, config_dir.name)
+    if link.name == config_dir.name or link.exists() or link.is_symlink():
+        return
+    try:
+        link.symlink_to(config_dir.name, target_is_directory=True)
+    except OSError:  # another job made it first, or the file system has no symlinks: the name is optional
+        pass
 
 
 def remove_failed_start(run_dir: Path) -> None:
@@ -84,9 +110,9 @@ def remove_failed_start(run_dir: Path) -> None:
 main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)
 
 
-def sweep_exit_code() -> int:
-    """After a sweep: one line of counts, and 1 if any job failed."""
-    outcome = tally()
+def sweep_exit_code(argv: list[str]) -> int:
+    """After a sweep: one line of counts, and 1 if any job failed or never reported."""
+    outcome = tally(multirun=any(a in ("-m", "--multirun") for a in argv))
     if outcome is None:
         return 0
     counts, failed = outcome

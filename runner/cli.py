@@ -1,4 +1,5 @@
 """Command-line checks that must happen before Hydra starts, and the one-line error exit."""
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -47,6 +48,11 @@ def check_launcher(argv: list[str]) -> None:
             key.lstrip("+") == "hydra/launcher" and value.startswith("submitit"))
         if wants_submitit and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
             fail(f"{arg} needs the SLURM extra, which is not installed: pip install -e '.[slurm]'")
+        wants_slurm = (key.lstrip("+") == "launcher" and value == "slurm") or (
+            key.lstrip("+") == "hydra/launcher" and value == "submitit_slurm")
+        if wants_slurm and shutil.which("sbatch") is None:
+            fail(f"{arg}: SLURM was not found on this machine (no `sbatch` on PATH); run on a cluster's login "
+                 "node, or use launcher=submitit_local to try the same code path locally")
 
 
 def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
@@ -60,7 +66,9 @@ def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from runner.config import ConfigError
+    from runner.experiment import check_environment
     from runner.spec import validate
+    from runner.sweep import expect
 
     # hydra.* and launcher choices do not change a job's config; they need plugins compose() does not load
     task_args = [a for a in argv if "=" in a and not a.startswith("-")
@@ -77,20 +85,26 @@ def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
     # where each job's run folder will be: hydra.run/sweep/job settings from the command line count
     folder_args = [a for a in argv if a.lstrip("+~").startswith(("hydra.run.", "hydra.sweep.", "hydra.job."))]
     folders: dict = {}
+    sweep_dirs: set = set()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for job in jobs:
             try:
                 spec = validate(compose("config", overrides=list(job)))
+                check_environment(spec)  # dataset files, device, credentials, the checkpoint to resume from
                 if multirun or any(a.lstrip("+").startswith("hydra.run.dir=") for a in folder_args):
-                    folder = run_folder(compose("config", overrides=[*job, *folder_args], return_hydra_config=True),
-                                        multirun)
+                    with_hydra = compose("config", overrides=[*job, *folder_args], return_hydra_config=True)
+                    folder = run_folder(with_hydra, multirun)
                     check_folder(folder, spec, job, folders.setdefault(folder, job))
+                    if multirun:
+                        sweep_dirs.add(str(with_hydra.hydra.sweep.dir))
             except ConfigError as e:
                 fail(f"{e}{where(job)}")
             except (HydraException, OmegaConfBaseException) as e:
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 fail(f"{' '.join(lines[:2])}{where(job)}")  # Hydra's first two lines: what and the fix
     GlobalHydra.instance().clear()
+    if multirun:
+        expect(sweep_dirs=sorted(sweep_dirs), jobs=len(jobs))
 
 
 def run_folder(cfg, multirun: bool) -> Path:

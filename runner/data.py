@@ -4,7 +4,6 @@ A whole split lives on the training device (CIFAR-10 as uint8: 150 MB). Each epo
 there; a batch is an index into it, then the task's `transform` (e.g. crop + flip + normalize for images) runs
 as a few batched tensor ops (airbench style). No DataLoader, no workers, no host->device copy per step.
 """
-import math
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -34,8 +33,17 @@ class DeviceBatches:
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
         self.transform, self.with_indices = transform, with_indices
 
+    def _bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of each batch. A training split whose last batch would hold one sample merges it into
+        the batch before (BatchNorm cannot normalize a batch of one; every sample is still seen each epoch)."""
+        n, size = len(self.y), self.batch_size
+        starts = list(range(0, n, size))
+        if self.shuffle and size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
+
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
+        return len(self._bounds())
 
     @property
     def num_samples(self) -> int:
@@ -44,13 +52,12 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[Batch]:
         n, dev = len(self.y), self.y.device
         order = torch.randperm(n, device=dev, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start, end in self._bounds():
             if order is None:
-                x, y = self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
-                index = (torch.arange(start, min(n, start + self.batch_size), device=dev)
-                         if self.with_indices else None)
+                x, y = self.x[start:end], self.y[start:end]
+                index = torch.arange(start, end, device=dev) if self.with_indices else None
             else:
-                index = order[start:start + self.batch_size]
+                index = order[start:end]
                 x, y = self.x[index], self.y[index]
                 index = index if self.with_indices else None
             if self.transform is not None:

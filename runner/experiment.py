@@ -8,6 +8,7 @@ resolved config, so `load_run(path/to/last.pt)` needs nothing else.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 from dataclasses import dataclass
@@ -129,7 +130,48 @@ def read_checkpoint(path: Path) -> dict:
                          "runner checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a runner checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [k for k in ("model", "optimizer", "scheduler", "rng", "progress") if k not in state]
+    if missing:
+        raise ValueError(f"{path} is an incomplete runner checkpoint (no {', '.join(missing)})")
     return state
+
+
+def load_checkpoint(path: str, cached: bool = False) -> dict:
+    """`trainer.resume`: a .pt file or a run dir; anything unreadable is a ConfigError. `cached=True` (checks
+    only: the optimizer may alias the loaded tensors, so training always loads a fresh copy) reads it once."""
+    p = Path(path)
+    if p.is_dir():
+        p = RunDir(p, create=False).checkpoint_path
+    if not p.is_file():
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: no checkpoint at {p.resolve()}")
+    try:
+        return _read_cached(str(p.resolve()), p.stat().st_mtime_ns) if cached else read_checkpoint(p)
+    except ValueError as e:
+        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: {e}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _read_cached(path: str, mtime_ns: int) -> dict:
+    """A sweep whose jobs all resume from one checkpoint reads it once (keyed by path and modification time)."""
+    return read_checkpoint(Path(path))
+
+
+def check_environment(spec: Spec) -> None:
+    """What can be checked before any work beyond the config itself, for every job of a sweep before the first
+    runs (runner/cli.py) and again when a job starts: the dataset's files, the device, the logger's credentials,
+    the checkpoint to resume from (readable, and made by the same model). Raises ConfigError."""
+    for choice in (spec.dataset, spec.logger):
+        check = choice.entry.capabilities.get("check")
+        if check is not None:
+            check(**choice.kwargs)
+    resolve_device(spec.trainer.device)
+    if spec.trainer.resume:
+        state = load_checkpoint(spec.trainer.resume, cached=True)
+        saved = (state.get("config") or {}).get("model")
+        if saved is not None and saved != spec.resolved["model"]:
+            raise ConfigError("trainer.resume", message=(
+                f"checkpoint trainer.resume={spec.trainer.resume} does not match this job's model: it holds "
+                f"{saved}, this job has {spec.resolved['model']}"))
 
 
 def latest_checkpoint(record: RunDir) -> dict | None:

@@ -7,14 +7,18 @@ Every folder under the given dirs that holds `summary.json` or `.hydra/config.ya
 by their signature (config without seed, paths, device, logging; see `runner.signature`), so seeds of one
 experiment are averaged and different experiments never are. Only COMPLETED runs enter the statistics;
 diverged, failed and unfinished runs are counted, which makes the report useful while a sweep still runs.
+Each (signature, seed) counts once: copies of a run (a run folder copied, a sweep given twice) are left out,
+with a line on stderr, so they never pass for more seeds.
 
 The table goes to stdout (markdown, or CSV with `--format csv`); `report.csv`, `report.md`, `curves.png`
-and `bars.png` go to `--out` (default `<first dir>/report/`). Bad input is one line on stderr and exit 2.
+and `bars.png` go to `--out` (default `<first dir>/report/`). Bad input, and an `--out` that cannot be written,
+is one line on stderr and exit 2 (the writability is checked before the table is printed).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import io
 import json
 import math
@@ -141,6 +145,20 @@ class Run:
         return points
 
     @property
+    def seed(self) -> Any:
+        """The summary's `seed`, else the config's `seed` (None when neither has one)."""
+        seed = (self.summary or {}).get("seed")
+        return seed if seed is not None else self.config.get("seed")
+
+    @property
+    def summary_mtime(self) -> float:
+        """When summary.json was last written (-inf without one)."""
+        try:
+            return (self.path / SUMMARY).stat().st_mtime
+        except OSError:
+            return -math.inf
+
+    @property
     def experiment(self) -> str | None:
         name = self.config.get("experiment")
         return str(name) if name is not None else None
@@ -168,6 +186,25 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
         for d in dirs:
             found.setdefault(d.resolve(), Run.load(d))
     return list(found.values())
+
+
+def drop_duplicates(runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """`(kept, dropped)`: one run per (signature, seed), so copies of a run never count as more seeds.
+
+    Of the runs with the same signature and seed the completed one is kept, else the one whose summary.json
+    is newest (the first found on a tie). Runs without a seed are always kept. Both lists keep `runs`' order.
+    """
+    def key(run: Run) -> tuple[str, str]:
+        return run.signature, json.dumps(run.seed, default=str)
+
+    best: dict[tuple[str, str], Run] = {}
+    for run in runs:
+        if run.seed is not None:
+            held = best.setdefault(key(run), run)
+            if (run.completed, run.summary_mtime) > (held.completed, held.summary_mtime):
+                best[key(run)] = run
+    kept = [r for r in runs if r.seed is None or best[key(r)] is r]
+    return kept, [r for r in runs if r.seed is not None and best[key(r)] is not r]
 
 
 def _walk_run_dirs(root: Path) -> Iterable[Path]:
@@ -225,10 +262,12 @@ def _format_value(value: Any) -> str:
 
 
 def _labels(groups: Sequence[Group]) -> list[str]:
-    """`key=value ...` over the flattened keys whose values differ between groups.
+    """`key=value ...` per group: the flattened keys of its config whose values differ between groups.
 
-    Keys that exist only under some groups' option (e.g. `optimizer.rho` of sam beside sgd) are left out when
-    the option's `.name` differs too, so `optimizer=sgd,sam` reads `optimizer.name=sgd` / `optimizer.name=sam`.
+    A key that every group has is compared over all groups. A key that only some groups have and that lies
+    under an option whose `.name` differs (`optimizer.rho` of sam beside sgd) is compared only among the
+    groups with the same option names: `optimizer=sgd` beside `optimizer=sam optimizer.rho=0.02,0.05` reads
+    `optimizer.name=sgd`, `optimizer.name=sam optimizer.rho=0.02`, `optimizer.name=sam optimizer.rho=0.05`.
 
     A single group is labelled by its experiment name, else by the `*.name` keys of its config. A label that
     would be empty (or repeat another) gets the signature appended, so labels always tell groups apart.
@@ -240,14 +279,25 @@ def _labels(groups: Sequence[Group]) -> list[str]:
             return [str(experiment)]
         names = [f"{k}={_format_value(v)}" for k, v in flat[0].items() if k.endswith(".name")]
         return [" ".join(names) or groups[0].signature]
-    keys = list(dict.fromkeys(k for f in flat for k in f))
     missing = object()
-    differing = [k for k in keys if len({json.dumps(f.get(k, missing), default=repr) for f in flat}) > 1]
-    # a parameter that only some groups have, under a group option whose name differs (optimizer.rho when
-    # optimizer.name is sam in one group and sgd in another), is explained by that name: leave it out
-    differing = [k for k in differing
-                 if all(k in f for f in flat) or k.endswith(".name") or k.rpartition(".")[0] + ".name" not in differing]
-    labels = [" ".join(f"{k}={_format_value(f[k])}" for k in differing if k in f) for f in flat]
+
+    def differs(key: str, among: Sequence[dict]) -> bool:
+        return len({json.dumps(f.get(key, missing), default=repr) for f in among}) > 1
+
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    differing = [k for k in keys if differs(k, flat)]
+    options = [k.removesuffix("name") for k in differing if k.endswith(".name")]  # e.g. "optimizer."
+
+    def peers(f: dict, key: str) -> list[dict]:
+        """The groups that compare with `f` on `key`: all if every group has it, else those choosing the
+        same options (`*.name`) above `key` as `f`."""
+        if all(key in g for g in flat):
+            return flat
+        above = [o + "name" for o in options if key.startswith(o) and key != o + "name"]
+        return [g for g in flat if all(g.get(n, missing) == f.get(n, missing) for n in above)]
+
+    labels = [" ".join(f"{k}={_format_value(f[k])}" for k in differing if k in f and differs(k, peers(f, k)))
+              for f in flat]
     repeated = Counter(labels)
     return [
         f"{label} [{g.signature}]".strip() if not label or repeated[label] > 1 else label
@@ -499,6 +549,23 @@ def write_report(out: Path, groups: Sequence[Group], rows: Sequence[dict], colum
     return written
 
 
+def _cannot_write(path: Path, err: OSError) -> ReportError:
+    """`cannot write <the file that failed, else path>: <reason>`."""
+    return ReportError(f"cannot write {err.filename or path}: {err.strerror or err}")
+
+
+def prepare_out(out: Path) -> None:
+    """Create the folder `out`; ReportError `cannot write <path>: <reason>` when it cannot hold the report."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ReportError(f"cannot write {out}: {os.strerror(errno.ENOTDIR)}") from None
+    except OSError as err:
+        raise _cannot_write(out, err) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write {out}: {os.strerror(errno.EACCES)}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", help="sweep or run folders, searched recursively")
@@ -511,21 +578,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: print the table, write the report folder; 0 on success, 2 on bad input."""
+    """Entry point: print the table, write the report folder; 0 on success, 2 on bad input or unwritable --out."""
     args = parse_args(argv)
+    out = args.out if args.out is not None else Path(args.dirs[0]) / "report"
     try:
-        runs = find_runs(args.dirs)
+        runs, duplicates = drop_duplicates(find_runs(args.dirs))
         check_metric(runs, args.metric)
         groups = group_runs(runs)
         rows = summarize(groups, args.metric)
         columns = select_columns(rows, args.columns, args.metric)
+        prepare_out(out)
     except ReportError as err:
         print(f"report: {err}", file=sys.stderr)
         return 2
+    if duplicates:
+        print(f"report: {len(duplicates)} duplicate runs of the same (config, seed) left out: "
+              + ", ".join(str(r.path) for r in duplicates), file=sys.stderr)
     table = to_csv(rows, columns) if args.format == "csv" else to_markdown(rows, columns)
     sys.stdout.write(table)
-    out = args.out if args.out is not None else Path(args.dirs[0]) / "report"
-    write_report(out, groups, rows, columns, args.metric, figures=not args.no_figures)
+    try:
+        write_report(out, groups, rows, columns, args.metric, figures=not args.no_figures)
+    except OSError as err:
+        print(f"report: {_cannot_write(out, err)}", file=sys.stderr)
+        return 2
     print(f"report: {len(runs)} runs in {len(groups)} groups; wrote {out}", file=sys.stderr)
     return 0
 

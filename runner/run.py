@@ -4,15 +4,20 @@ Importable without Hydra (tests call it with a composed config). Bad input raise
 work; failures during training are recorded in summary.json (status failed, with the error's last lines) and
 re-raised; the dashboard logger is always finished.
 """
+import contextlib
 import hashlib
 import logging
+import os
+import signal
+import threading
 import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import ConfigError
-from runner.experiment import Experiment, build, latest_checkpoint, read_checkpoint, resolve_device
+from runner.experiment import (Experiment, build, check_environment, latest_checkpoint, load_checkpoint,
+                               resolve_device)
 from runner.rundir import OVERRIDES, RunDir, command_line, device_name, git_state, versions
 from runner.signature import signature
 from runner.spec import validate
@@ -30,19 +35,6 @@ class ForeignRunDir(ConfigError):
     """The run folder holds the record of another experiment or seed: never replaced, never resumed."""
 
 
-def load_checkpoint(path: str) -> dict:
-    """`trainer.resume`: a .pt file or a run dir; anything unreadable is a ConfigError."""
-    p = Path(path)
-    if p.is_dir():
-        p = RunDir(p, create=False).checkpoint_path
-    if not p.is_file():
-        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: no checkpoint at {p.resolve()}")
-    try:
-        return read_checkpoint(p)
-    except ValueError as e:
-        raise ConfigError("trainer.resume", message=f"trainer.resume={path}: {e}") from None
-
-
 def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = None) -> None:
     """Raise ForeignRunDir when the folder's summary or checkpoint belongs to another config or seed."""
     summary = record.read_summary() or {}
@@ -56,40 +48,113 @@ def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = N
                 f"signature {sig}, seed {seed}); it is left as it is: choose another hydra.run.dir"))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and SLURM send), handled like Ctrl-C: the run is recorded `interrupted`."""
+
+
+class RunFailed(RuntimeError):
+    """A run that failed after validation; its summary.json (status failed, with the error) is written."""
+
+    def __init__(self, run_dir: Path, error: BaseException):
+        self.run_dir = run_dir
+        lines = [line for line in (str(error) or type(error).__name__).strip().splitlines() if line.strip()]
+        super().__init__(f"{type(error).__name__}: {lines[-1] if lines else ''}".strip())
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train one configuration and record it in `run_dir`; returns the summary (also in summary.json).
 
     A run dir that already holds a completed (or diverged) run of this config and seed is skipped: its summary
     is returned with `"skipped": true`. One that holds checkpoints continues from the newest readable one. One
     that holds another config's or seed's run is refused (ForeignRunDir), untouched.
+    Errors: ConfigError before any work (nothing recorded); any later failure is recorded in summary.json
+    (status failed) and raised as RunFailed; Ctrl-C and SIGTERM are recorded as `interrupted` and re-raised.
     """
     spec = validate(cfg)
+    check_environment(spec)
     device = resolve_device(spec.trainer.device)
     resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else None
     record = RunDir(run_dir)
     sig = signature(spec.resolved)
     check_owner(record, sig, spec.seed)
     previous = record.read_summary()
+    if previous is None and record.summary_path.exists():
+        log.warning("%s is unreadable (torn or corrupt): treated as absent; resuming from the checkpoints",
+                    record.summary_path)
     if previous is not None and previous.get("status") in ("completed", "diverged"):
         return {**previous, "skipped": True}
     lock = RunLock(record.path)
     if not lock.acquire():
         raise RunBusy(f"{record.path} is being trained by another process; skipped")
     try:
-        where = spec.trainer.resume
-        if resume is None:
-            resume, where = latest_checkpoint(record), str(record.checkpoint_path)
-            if resume is not None:
-                check_owner(record, sig, spec.seed, resume)
-        record.truncate_metrics(resume["progress"]["step"] if resume is not None else 0)
-        experiment = build(spec, device)
-        progress = Progress()
-        if resume is not None:
-            progress = experiment.load_state_dict(resume, where)
-            log.info("resuming %s from epoch %d (step %d)", record.path, progress.epoch, progress.step)
-        return _train_and_record(experiment, progress, resume, record)
+        with sigterm_as_interrupt():
+            record.remove_stale_temporaries()  # of atomic writes a killed process left (we hold the lock)
+            where = spec.trainer.resume
+            if resume is None:
+                resume, where = latest_checkpoint(record), str(record.checkpoint_path)
+                if resume is not None:
+                    check_owner(record, sig, spec.seed, resume)
+            try:
+                experiment, progress = _build_and_resume(spec, device, resume, where, record)
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # after validation: a recorded failure, never a half-made run dir
+                _write_failure(record, spec, sig, e)
+                raise RunFailed(record.path, e) from e
+            try:
+                return _train_and_record(experiment, progress, resume, record)
+            except (KeyboardInterrupt, ConfigError):
+                raise
+            except Exception as e:  # recorded by _train_and_record
+                raise RunFailed(record.path, e) from e
     finally:
         lock.release()
+
+
+def _build_and_resume(spec, device, resume: dict | None, where: str, record: RunDir) -> tuple[Experiment, Progress]:
+    record.truncate_metrics(resume["progress"]["step"] if resume is not None else 0)
+    experiment = build(spec, device)
+    progress = Progress()
+    if resume is not None:
+        progress = experiment.load_state_dict(resume, where)
+        total = spec.trainer.total_steps(len(experiment.task.train))
+        if spec.trainer.resume and progress.step >= total:
+            raise ConfigError("trainer.epochs", message=(
+                f"trainer.resume={spec.trainer.resume} is at epoch {progress.epoch} (step {progress.step}) and this "
+                f"config trains {total} steps: nothing left to train; raise trainer.epochs (or trainer.steps)"))
+        log.info("resuming %s from epoch %d (step %d)", record.path, progress.epoch, progress.step)
+    return experiment, progress
+
+
+def _write_failure(record: RunDir, spec, sig: str, error: BaseException) -> None:
+    record.write_summary({"status": "failed", "final": {}, "best": {}, "seed": spec.seed, "experiment": spec.experiment,
+                          "signature": sig, "error": "".join(traceback.format_exception(error)[-3:]).strip(),
+                          "versions": versions(), "git": git_state(), "command": command_line()})
+    _log_traceback(record, error)
+
+
+def _log_traceback(record: RunDir, error: BaseException) -> None:
+    """The whole traceback into runner.log (stderr gets one line)."""
+    with open(record.path / "runner.log", "a") as f:
+        f.write("".join(traceback.format_exception(error)))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread, so it is recorded like Ctrl-C.
+    Left alone under submitit, whose own signal handling requeues preempted SLURM jobs."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("SUBMITIT_EXECUTOR"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class RunSink:
@@ -101,6 +166,8 @@ class RunSink:
     def record(self, metrics: dict) -> None:
         self.rundir.log(metrics)
         self.logger.log(metrics, step=metrics["step"])
+        log.info("step %d epoch %s %s", metrics["step"], metrics["epoch"], " ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if "/" in k and isinstance(v, float)))
 
     def checkpoint(self) -> None:
         self.rundir.save_checkpoint(self.experiment.state_dict(self.progress))
@@ -134,11 +201,12 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
     try:
         status = train(experiment, progress, RunSink(record, logger, experiment, progress))
         result = summary(status)
-    except KeyboardInterrupt:
-        result = summary("interrupted", "KeyboardInterrupt")
+    except KeyboardInterrupt as e:
+        result = summary("interrupted", str(e) or "KeyboardInterrupt")
         raise
     except BaseException as e:
         result = summary("failed", "".join(traceback.format_exception(e)[-3:]).strip())
+        _log_traceback(record, e)
         raise
     finally:
         if result is not None:

@@ -97,6 +97,15 @@ class RunDir:
         """The resolved config Hydra saved, or None."""
         return read_yaml(self.config_path)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of atomic writes a killed process left behind (`.last.pt.tmp<pid>`, ...);
+        call it holding the run's lock, when no other process writes here."""
+        stale = [p for folder in (self.path, self.path / CHECKPOINTS) if folder.is_dir()
+                 for p in folder.glob(".*.tmp*") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
     def save_checkpoint(self, state: dict) -> None:
         """Write last.pt atomically, keeping the one before as prev.pt (the fallback if last.pt is corrupt)."""
         if self.checkpoint_path.exists():

@@ -9,6 +9,7 @@ from typing import Callable, List
 import torch
 
 from runner.config import Registry, check
+from runner.train import MAX_EPOCHS
 
 SCHEDULERS = Registry("scheduler")
 
@@ -22,7 +23,7 @@ class ConstantConfig:
     warmup_epochs: float = 0.0
 
     def __post_init__(self):
-        check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
+        check(0 <= self.warmup_epochs < MAX_EPOCHS, "warmup_epochs", self.warmup_epochs, f"a number in [0, {MAX_EPOCHS})")
 
 
 @SCHEDULERS.register("constant", ConstantConfig, "constant lr after warmup")
@@ -37,7 +38,7 @@ class CosineConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
+        check(0 <= self.warmup_epochs < MAX_EPOCHS, "warmup_epochs", self.warmup_epochs, f"a number in [0, {MAX_EPOCHS})")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "[0, 1]")
 
 
@@ -61,9 +62,10 @@ class MultiStepConfig:
     warmup_epochs: float = 0.0
 
     def __post_init__(self):
-        check(all(m > 0 for m in self.milestones), "milestones", list(self.milestones), "positive numbers")
+        check(all(0 < m < MAX_EPOCHS for m in self.milestones), "milestones", list(self.milestones),
+              f"numbers in (0, {MAX_EPOCHS}): fractions of the run (<= 1) or epochs")
         check(0 < self.gamma <= 1, "gamma", self.gamma, "(0, 1]")
-        check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
+        check(0 <= self.warmup_epochs < MAX_EPOCHS, "warmup_epochs", self.warmup_epochs, f"a number in [0, {MAX_EPOCHS})")
 
 
 @SCHEDULERS.register("multistep", MultiStepConfig, "lr times gamma at each milestone")

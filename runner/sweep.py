@@ -1,10 +1,12 @@
 """Sweeps on Hydra's multirun: deterministic folders, per-run locks, a launch log, validation up front.
 
-Layout: `multirun/<experiment>/<overrides without seed>-<signature>/seed=N`. The folder of a run is a function
-of its config (Dora style: the signature hashes the resolved config minus seed, paths and logging), so the
-same command run again finds its runs: completed ones are skipped, interrupted ones resume from their last
-checkpoint. Different configurations never share a folder, even when two sweeps start in the same second;
-two processes that reach the same run at once are kept apart by a lock file (the second skips it).
+Layout: `multirun/<experiment>/<signature>/seed=N`, and beside it a symlink named by the overrides that reached
+it (`optimizer=sam,optimizer.rho=0.1-<signature> -> <signature>`). The folder of a run is a function of its
+resolved config only (Dora style: the signature hashes the resolved config minus seed, paths and logging), not
+of how the overrides were spelled, so any command that means the same config finds its runs: completed ones are
+skipped, interrupted ones resume from their last checkpoint. (Runs made when folders were named
+`<overrides>-<signature>` are found again: such a folder is used where it exists.) Different configurations
+never share a folder; two processes that reach the same run at once are kept apart by a lock (the second skips).
 
 Hydra 1.3 skips `on_multirun_end` after a failed job, so failures are handled here instead: in a sweep a job
 never raises; it records its status in summary.json and in the launch log, and the entry point exits non-zero
@@ -23,14 +25,29 @@ from omegaconf import OmegaConf
 from runner.signature import signature
 
 LAUNCH_ENV = "RUNNER_LAUNCH_ID"
-_sweep_dirs: list[str] = []  # filled in the launching process by SweepCallback
+_sweep_dirs: list[str] = []  # filled in the launching process by SweepCallback and the preflight
+_expected_jobs: list[int] = []  # the number of jobs the preflight composed (empty when it did not run)
+
+
+def readable_name(override_dirname: str, sig: str) -> str:
+    """`<overrides without seed>-<signature>`, the name people read (a symlink to the signature folder)."""
+    return f"{re.sub(r'[^A-Za-z0-9=.,+_-]', '_', override_dirname or 'default')[:120]}-{sig}"
 
 
 def config_dir(override_dirname: str, *, _root_) -> str:
-    """Folder name of one configuration: readable overrides (without seed) plus the config signature."""
+    """Folder name of one configuration: its signature (or the legacy `<overrides>-<signature>` folder of the
+    same config, where one exists in the sweep folder)."""
     task = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
-    name = re.sub(r"[^A-Za-z0-9=.,+_-]", "_", override_dirname or "default")[:120]
-    return f"{name}-{signature(OmegaConf.to_container(task, resolve=True))}"
+    sig = signature(OmegaConf.to_container(task, resolve=True))
+    try:
+        sweep_dir = Path(str(_root_.hydra.sweep.dir))
+    except Exception:  # composed without Hydra's node (tests): no legacy folder to look for
+        return sig
+    if not (sweep_dir / sig).exists() and sweep_dir.is_dir():
+        legacy = sorted(p.name for p in sweep_dir.glob(f"*-{sig}") if p.is_dir() and not p.is_symlink())
+        if legacy:
+            return legacy[0]
+    return sig
 
 
 def register_resolvers() -> None:
@@ -42,7 +59,15 @@ class SweepCallback(Callback):
     """Remembers the sweep folder in the launching process (for the end-of-sweep tally)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _sweep_dirs.append(str(config.hydra.sweep.dir))
+        expect(sweep_dirs=[str(config.hydra.sweep.dir)])
+
+
+def expect(sweep_dirs=(), jobs: int | None = None) -> None:
+    """Tell the tally where this launch's jobs write their records (jobs of `+experiment=a,b` land under
+    different `multirun/<experiment>` folders) and how many jobs there are."""
+    _sweep_dirs.extend(str(Path(d).resolve()) for d in sweep_dirs if str(Path(d).resolve()) not in _sweep_dirs)
+    if jobs is not None:
+        _expected_jobs[:] = [jobs]
 
 
 def new_launch() -> str:
@@ -65,19 +90,30 @@ def record_job(sweep_dir: str | Path, run_dir: str | Path, status: str, error: s
         f.write(json.dumps({"run_dir": str(run_dir), "status": status, "error": error}) + "\n")
 
 
-def tally() -> tuple[dict, list[str]] | None:
-    """Statuses of this invocation's jobs, and the folders of the failed ones; None outside a sweep."""
+def tally(multirun: bool) -> tuple[dict, list[str]] | None:
+    """Statuses of this invocation's jobs (every sweep folder they landed in), and the folders of the failed
+    ones; jobs the preflight composed that never reported count as `lost` (failed). None outside a sweep."""
     launch = os.environ.get(LAUNCH_ENV)
-    if not _sweep_dirs or not launch:
+    if not multirun or not launch:
         return None
-    counts, failed = {}, []
+    counts, failed, seen = {}, [], set()
     for sweep_dir in _sweep_dirs:
         path = launch_log(sweep_dir, launch)
         for line in path.read_text().splitlines() if path.exists() else []:
-            job = json.loads(line)
+            try:
+                job = json.loads(line)
+            except ValueError:
+                continue
+            seen.add(job["run_dir"])
             counts[job["status"]] = counts.get(job["status"], 0) + 1
             if job["status"] == "failed":
                 failed.append(job["run_dir"])
+    expected = _expected_jobs[0] if _expected_jobs else None
+    if expected is not None and expected > len(seen):
+        counts["lost"] = expected - len(seen)
+        failed.append(f"{counts['lost']} job(s) that never reported")
+    elif expected is None and not seen:
+        failed.append("no job reported")
     return counts, failed
 
 

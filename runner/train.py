@@ -36,6 +36,12 @@ from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
 
 
+#: Sane upper bounds on a run's length: far beyond any real run, far below what overflows a counter or would
+#: run for ever (`trainer.epochs=1e21`).
+MAX_EPOCHS = 1_000_000
+MAX_STEPS = 10_000_000_000
+
+
 @dataclass
 class TrainerConfig:
     """Schema of `conf/trainer/*.yaml`."""
@@ -57,14 +63,15 @@ class TrainerConfig:
     def __post_init__(self):
         check(self.epochs is not None or self.steps is not None, "epochs", self.epochs,
               ">= 1 (or set trainer.steps)")
-        check(self.epochs is None or self.epochs >= 1, "epochs", self.epochs, ">= 1")
-        check(self.steps is None or self.steps >= 1, "steps", self.steps, "null or >= 1")
+        check(self.epochs is None or 1 <= self.epochs <= MAX_EPOCHS, "epochs", self.epochs, f"1..{MAX_EPOCHS}")
+        check(self.steps is None or 1 <= self.steps <= MAX_STEPS, "steps", self.steps, f"null or 1..{MAX_STEPS}")
         check(self.eval_every >= 1, "eval_every", self.eval_every, ">= 1")
         check(self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps",
               self.eval_every_steps, "null or >= 1")
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "null or > 0")
-        check(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda", "device",
-              self.device, "auto, cpu, cuda, cuda:N")
+        check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                          and self.device[5:].isdigit()), "device",
+              self.device, "auto, cpu, cuda, cuda:N with N >= 0")
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32, bf16")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 

@@ -48,7 +48,8 @@ class ImageDatasetParams:
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
-        check(self.val_size >= 0 and (self.val_size < 1 or self.val_size == int(self.val_size)), "val_size",
+        check(math.isfinite(self.val_size) and self.val_size >= 0
+              and (self.val_size < 1 or self.val_size == int(self.val_size)), "val_size",
               self.val_size, "0, a fraction in (0, 1) or a whole count")
         check(self.subset is None or self.subset >= 1, "subset", self.subset, "null or >= 1")
         check(0.0 <= self.label_noise <= 1.0, "label_noise", self.label_noise, "[0, 1]")
@@ -60,7 +61,7 @@ class SyntheticParams(ImageDatasetParams):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.synthetic_size >= 5, "synthetic_size", self.synthetic_size, ">= 5")
+        check(5 <= self.synthetic_size <= 10_000_000, "synthetic_size", self.synthetic_size, "5..10000000")
 
 
 @dataclass
@@ -126,12 +127,11 @@ def _torchvision(name: str, root: str, download: bool) -> ImageData:
     try:
         train = cls(root, train=True, download=download)
         test = cls(root, train=False, download=download)
-    except (RuntimeError, URLError, OSError) as e:  # "Dataset not found or corrupted", or no network
+    except (RuntimeError, URLError, OSError, AssertionError, ValueError, IndexError) as e:
+        # "Dataset not found or corrupted", no network, or files that exist but are not what torchvision reads
+        # (torchvision asserts on the header of an idx file, numpy raises on a truncated one)
         failed = f" and the download failed ({type(e).__name__})" if download else ""
-        expected = os.path.join(root, folder)
-        raise ConfigError("dataset.root", message=(
-            f"dataset '{name}' not found or corrupted under {root}{failed} (expected {expected}); "
-            f"set dataset.download=true on a machine with internet, or put the files there ({source})")) from None
+        raise _not_found(name, root, failed) from None
     splits = []
     for ds in (train, test):
         x = torch.as_tensor(ds.data)
@@ -139,6 +139,24 @@ def _torchvision(name: str, root: str, download: bool) -> ImageData:
         splits.append(Split(x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)))
     return ImageData(splits[0], splits[1], num_classes, splits[0].x.shape[1], splits[0].x.shape[-1],
                      mean, std, augment)
+
+
+def _not_found(name: str, root: str, failed: str = "") -> ConfigError:
+    _, folder, source, *_ = _TORCHVISION[name]
+    return ConfigError("dataset.root", message=(
+        f"dataset '{name}' not found or corrupted under {root}{failed} (expected {os.path.join(root, folder)}); "
+        f"set dataset.download=true on a machine with internet, or put the files there ({source})"))
+
+
+def check_available(name: str, *, root: str = "data", download: bool = False, **_) -> None:
+    """Up front, before any job of a sweep runs: the folder torchvision reads is there and not empty (reading
+    and checking the files themselves happens when the job loads them)."""
+    if name not in _TORCHVISION or download:
+        return
+    root = os.path.abspath(os.path.expanduser(root))
+    expected = os.path.join(root, _TORCHVISION[name][1])
+    if not os.path.isdir(expected) or not os.listdir(expected):
+        raise _not_found(name, root)
 
 
 def _digits() -> ImageData:
@@ -294,4 +312,5 @@ def build_image_task(name: str, *, seed: int, device: torch.device, channels_las
 
 for _name in DATASETS:
     TASKS.register(_name, SyntheticParams if _name == "synthetic" else ImageDatasetParams,
-                   f"image classification on {_name}", input="image")(functools.partial(build_image_task, _name))
+                   f"image classification on {_name}", input="image",
+                   check=functools.partial(check_available, _name))(functools.partial(build_image_task, _name))

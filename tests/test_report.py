@@ -2,7 +2,8 @@
 outputs (markdown, CSV, report folder, figures) and its one-line exit-2 errors.
 
 The report reads real run directories: a module fixture runs a tiny sweep (2 optimizers x 3 seeds on the
-bundled digits data) through the CLI once, another one a diverging and a failing run. Expected numbers are
+bundled digits data) through the CLI once, another one a diverging and a failing run, a third SAM over three
+rho (also under another experiment) for the labels. Expected numbers are
 computed from each run's summary.json with numpy/scipy, independently of the report's code. Tests that need
 a state no run leaves behind (a run still running, an interrupted one) copy a real run and change it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import scipy.stats
 import yaml
 from omegaconf import OmegaConf
 
-from runner.report import Stat, describe, find_runs, group_runs, main, summarize, t_975
+from runner.report import Stat, describe, drop_duplicates, find_runs, group_runs, main, summarize, t_975
 from runner.signature import IGNORED_KEYS, flatten, group_config, signature
 
 try:
@@ -46,25 +48,52 @@ def sweep(tmp_path_factory) -> Path:
                          *TINY, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     root = cwd / "multirun" / "default"
-    assert len(list(root.glob("*/seed=*/summary.json"))) == 6, sorted(root.rglob("*"))
+    assert len(summaries(root)) == 6, sorted(root.rglob("*"))
     return root
 
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory) -> Path:
-    """A real sweep with lr=1e6: on digits the run diverges, on mnist (no data, no download) it fails."""
+    """A real sweep with lr=1e6: on digits the run diverges, on mnist (corrupt files: they pass the up-front check
+    of the sweep, then fail to load) it fails."""
     cwd = tmp_path_factory.mktemp("report_broken")
     root = cwd / "broken"
+    raw = cwd / "nodata" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not an idx file")
     out = runner_process(cwd, "-m", "dataset=digits,mnist", "optimizer.lr=1e6", f"dataset.root={cwd / 'nodata'}",
                          "dataset.download=false", f"hydra.sweep.dir={root}", *TINY, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]  # a sweep with failed jobs exits 1
     return root
 
 
+@pytest.fixture(scope="module")
+def sam_sweep(tmp_path_factory) -> Path:
+    """Real SAM sweeps: `optimizer.rho=0.02,0.05,0.1 seed=0,1` (experiment default, same TINY settings as `sweep`),
+    and `+experiment=sam_cifar optimizer.rho=0.02,0.05` shrunk to digits/mlp; returns the `multirun` folder."""
+    cwd = tmp_path_factory.mktemp("report_sam")
+    out = runner_process(cwd, "-m", "optimizer=sam", "optimizer.rho=0.02,0.05,0.1", "seed=0,1", *TINY, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = runner_process(cwd, "-m", "+experiment=sam_cifar", "dataset=digits", "model=mlp", "optimizer.rho=0.02,0.05",
+                         *TINY, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = cwd / "multirun"
+    assert len(summaries(root / "default")) == 6 and len(summaries(root / "sam_cifar")) == 2
+    return root
+
+
+def summaries(root: Path) -> list[Path]:
+    """The summary.json files of the runs in a sweep folder `root` (`<config folder>/seed=N`), each once: a
+    symlink to a config folder (a readable alias of it) is not a run of its own."""
+    return sorted(p for p in root.glob("*/seed=*/summary.json") if not p.parent.parent.is_symlink())
+
+
 def runs_on_disk(root: Path) -> dict[str, list[dict]]:
     """optimizer name -> the runs under `root` (dir, summary, config), read with json/yaml, sorted by seed."""
     runs: dict[str, list[dict]] = {}
-    for path in sorted(root.glob("*/seed=*/summary.json")):
+    for path in summaries(root):
         config = yaml.safe_load((path.parent / ".hydra" / "config.yaml").read_text())
         runs.setdefault(config["optimizer"]["name"], []).append(
             {"dir": path.parent, "summary": json.loads(path.read_text()), "config": config})
@@ -135,7 +164,7 @@ def test_flatten():
 def test_stored_signature_is_the_one_computed_from_the_saved_config(sweep):
     runs = [r for rs in runs_on_disk(sweep).values() for r in rs]
     for run in runs:
-        assert run["summary"]["signature"] == signature(run["config"]) == run["dir"].parent.name.rsplit("-", 1)[1]
+        assert run["summary"]["signature"] == signature(run["config"]) == run["dir"].parent.name.rsplit("-", 1)[-1]
     assert len({r["summary"]["signature"] for r in runs}) == 2
 
 
@@ -175,6 +204,38 @@ def test_real_sweep_is_two_groups_of_three_seeds(sweep):
 
 
 @pytest.mark.slow
+def test_sam_rows_are_labelled_by_rho_beside_sgd(sweep, sam_sweep, tmp_path, capsys):
+    """rho exists for sam, not for sgd: it tells the sam rows apart, and the sgd row reads by its name only."""
+    copy_group(sweep, "sgd", tmp_path)
+    assert main([str(sam_sweep / "default"), str(tmp_path), "--columns", "group", "n", "--out", str(tmp_path / "out"),
+                 "--no-figures"]) == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert sorted(lines) == sorted([
+        "| optimizer.name=sam optimizer.rho=0.02 | 2 |", "| optimizer.name=sam optimizer.rho=0.05 | 2 |",
+        "| optimizer.name=sam optimizer.rho=0.1 | 2 |", "| optimizer.name=sgd | 3 |"])
+
+
+@pytest.mark.slow
+def test_labels_tell_rows_of_several_experiments_and_optimizers_apart(sweep, sam_sweep):
+    groups = group_runs(find_runs([sweep, sam_sweep]))
+    assert len(groups) == 2 + 3 + 2
+    labels = [g.label for g in groups]
+    assert len(set(labels)) == len(labels)
+    for group in groups:
+        assert group.signature not in group.label, group.label  # told apart without the hash
+        config = flatten(group.config)
+        pairs = dict(item.split("=", 1) for item in group.label.split())
+        assert pairs["optimizer.name"] == config["optimizer.name"]
+        assert pairs["experiment"] == config["experiment"]
+        if config["optimizer.name"] == "sam":
+            assert pairs["optimizer.rho"] == str(config["optimizer.rho"]), group.label
+        else:
+            assert not any(key.startswith("optimizer.rho") for key in pairs), group.label
+        # keys that only some optimizers have are not shown when they are equal among those optimizers
+        assert "optimizer.betas" not in pairs and "optimizer.momentum" not in pairs, group.label
+
+
+@pytest.mark.slow
 def test_statistics_match_numpy_and_scipy(sweep):
     rows = rows_by_signature(summarize(group_runs(find_runs([sweep])), "test/acc"))
     for optimizer, runs in runs_on_disk(sweep).items():
@@ -207,7 +268,7 @@ def test_incomplete_runs_are_counted_not_averaged(sweep, tmp_path):
 
 @pytest.mark.slow
 def test_real_diverged_and_failed_runs_are_counted_in_their_own_groups(sweep, broken):
-    statuses = sorted(json.loads(p.read_text())["status"] for p in broken.glob("*/seed=*/summary.json"))
+    statuses = sorted(json.loads(p.read_text())["status"] for p in summaries(broken))
     assert statuses == ["diverged", "failed"]
     alone = rows_by_signature(summarize(group_runs(find_runs([sweep]))))
     rows = rows_by_signature(summarize(group_runs(find_runs([sweep, broken]))))
@@ -231,6 +292,51 @@ def test_signature_from_summary_without_config_and_from_config_without_stored_on
     assert only.signature == runs_on_disk(sweep)["sgd"][0]["summary"]["signature"]
     assert only.counts()["completed"] == 3
     assert only.label == "default"  # one group: labelled by its experiment
+
+
+@pytest.mark.slow
+def test_copies_of_runs_count_once_with_a_warning(sweep, tmp_path, capsys):
+    """The same sgd runs given three times (copies) are 3 seeds, not 9 with a CI of ±0."""
+    copies = [copy_group(sweep, "sgd", tmp_path / name) for name in "abc"]
+    assert main([*(str(c.parent) for c in copies), "--format", "csv", "--no-figures", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    (row,) = csv.DictReader(io.StringIO(captured.out))
+    finals = [r["summary"]["final"]["test/acc"] for r in runs_on_disk(sweep)["sgd"]]
+    assert (int(row["n"]), int(row["completed"])) == (3, 3)
+    got = [float(row[f"final_test/acc_{f}"]) for f in ("mean", "std", "ci95")] + [int(row["final_test/acc_n"])]
+    assert got == pytest.approx(list(expected_stat(finals)))
+    warning, done = captured.err.splitlines()
+    prefix = "report: 6 duplicate runs of the same (config, seed) left out: "
+    assert warning.startswith(prefix)
+    # equal mtimes (copytree keeps them): the first found is kept
+    assert sorted(warning.removeprefix(prefix).split(", ")) == sorted(
+        str(c / f"seed={seed}") for c in copies[1:] for seed in SEEDS)
+    assert done.startswith("report: 3 runs in 1 groups")
+
+
+@pytest.mark.slow
+def test_drop_duplicates_keeps_completed_else_newest_and_runs_without_seed(sweep, tmp_path):
+    a, b, c = (copy_group(sweep, "sgd", tmp_path / name) for name in "abc")
+    # seed 0: a is completed, b is interrupted but newer, c is still running (no summary; seed from its config)
+    edit_summary(b / "seed=0", lambda s: s.update(status="interrupted"))
+    os.utime(b / "seed=0" / "summary.json", (2e9, 2e9))
+    (c / "seed=0" / "summary.json").unlink()
+    # seed 1: nothing completed; the newest summary (b's) is kept
+    for run, mtime in ((a, 2e9), (b, 2.1e9), (c, 1.9e9)):
+        edit_summary(run / "seed=1", lambda s: s.update(status="failed"))
+        os.utime(run / "seed=1" / "summary.json", (mtime, mtime))
+    # seed 2: no seed in summary or config: never deduplicated
+    for run in (a, b, c):
+        edit_summary(run / "seed=2", lambda s: s.pop("seed"))
+        config = yaml.safe_load((run / "seed=2" / ".hydra" / "config.yaml").read_text())
+        del config["seed"]
+        (run / "seed=2" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    runs = find_runs([tmp_path])
+    kept, dropped = drop_duplicates(runs)
+    assert sorted(r.path for r in dropped) == sorted([b / "seed=0", c / "seed=0", a / "seed=1", c / "seed=1"])
+    assert sorted(r.path for r in kept) == sorted([a / "seed=0", b / "seed=1", a / "seed=2", b / "seed=2", c / "seed=2"])
+    assert [r for r in runs if r in kept] == kept  # order kept
+    assert {r.seed for r in kept} == {0, 1, None}
 
 
 @pytest.mark.slow
@@ -300,6 +406,44 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, sweep, capsys):
     assert "unknown metric" in err and "test/acc" in err and "train/loss" in err
     assert "unknown column" in one_line_error(capsys, [str(sweep), "--columns", "nope"])
     assert not (sweep / "report").exists()  # nothing written on bad input
+
+
+UNWRITABLE = {
+    "under a file": lambda tmp: tmp / "file" / "out",
+    "a file": lambda tmp: tmp / "file",
+    "under /proc": lambda tmp: Path("/proc/forbidden"),
+    "read-only folder": lambda tmp: tmp / "ro",
+    "under a read-only folder": lambda tmp: tmp / "ro" / "out",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", UNWRITABLE)
+def test_unwritable_out_is_one_line_and_exit_2_before_the_table(sweep, tmp_path, capsys, case):
+    if "read-only" in case and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    if case == "under /proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    out = UNWRITABLE[case](tmp_path)
+    try:
+        assert main([str(sweep), "--out", str(out)]) == 2
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing half-done shown
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"report: cannot write {out}: "), captured.err
+    assert not (tmp_path / "ro" / "out").exists()
+
+
+@pytest.mark.slow
+def test_out_file_that_cannot_be_written_is_one_line_and_exit_2(sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "report.csv").mkdir(parents=True)  # the folder is writable, report.csv is not a file
+    assert main([str(sweep), "--out", str(out), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"report: cannot write {out / 'report.csv'}: Is a directory"]
 
 
 def test_cli_subprocess_missing_dir(tmp_path):

@@ -6,7 +6,7 @@ name, group, job_type, run_id.
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from runner.config import Registry, check
+from runner.config import ConfigError, Registry, check
 
 LOGGERS = Registry("logger")
 
@@ -47,7 +47,26 @@ class WandbConfig:
               "null, offline, online, disabled")
 
 
-@LOGGERS.register("wandb", WandbConfig, "Weights & Biases, offline unless WANDB_MODE=online")
+def check_credentials(mode: Optional[str] = None, **_) -> None:
+    """Up front: online mode needs an API key (WANDB_API_KEY or `wandb login`'s ~/.netrc entry); without one
+    wandb.init would fail after the run folder exists."""
+    import netrc
+    import os
+
+    if (mode or os.environ.get("WANDB_MODE") or "offline") != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        if netrc.netrc().authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise ConfigError("logger.mode", message="logger=wandb is online (WANDB_MODE/logger.mode) but no API key is "
+                                             "set: run `wandb login` or set WANDB_API_KEY, or use WANDB_MODE=offline")
+
+
+@LOGGERS.register("wandb", WandbConfig, "Weights & Biases, offline unless WANDB_MODE=online",
+                  check=check_credentials)
 def wandb_logger(**kwargs) -> Logger:
     from runner.logging.wandb_logger import WandbLogger
 

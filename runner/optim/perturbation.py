@@ -25,6 +25,7 @@ class PerturbationOptimizer(torch.optim.Optimizer):
     def __init__(self, params, base: Callable | type[torch.optim.Optimizer], defaults: dict, **base_kwargs):
         """`base`: a factory `base(param_groups) -> Optimizer`, or an optimizer class taking `**base_kwargs`."""
         super().__init__(params, dict(defaults, **base_kwargs))
+        self._method_defaults = dict(defaults)  # e.g. rho, adaptive: kept in the shared param groups
         factory = (lambda groups: base(groups, **base_kwargs)) if isinstance(base, type) else base
         self.base_optimizer = factory(self.param_groups)
         self.param_groups = self.base_optimizer.param_groups  # one set of groups: lr schedules reach the base
@@ -73,5 +74,10 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        """The base optimizer's state; a checkpoint of the plain base optimizer (SGD -> SAM) works too: the
+        method's own hyperparameters (rho, ...) then come from this optimizer's config."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in self._method_defaults.items():
+                group.setdefault(key, value)
