@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -269,6 +270,12 @@ def bad_inputs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     mlp_checkpoint = shared / "mlp_run" / "checkpoints" / "last.pt"
+    torch.save({"format": 1}, shared / "format_only.pt")  # a runner checkpoint's header and nothing else
+    raw = shared / "garbage_mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"")
 
     cases = {
         "unknown-option": (["optimizer=foo"], ["optimizer", "'foo'", "adamw, sam, sgd"]),
@@ -288,9 +295,37 @@ def bad_inputs(tmp_path_factory):
         "unknown-top-level-key": (["+trainer_epochs=3"], ["trainer_epochs", "top-level keys"]),
         # hydra.run.dir is a folder that already holds the user's files: they must survive the failed start
         "existing-run-dir": (["optimizer.lr=0"], ["optimizer.lr", "0"]),
+        # values that used to pass validation and then break the run halfway
+        "warmup-inf": (["scheduler.warmup_epochs=inf"], ["scheduler.warmup_epochs", "inf"]),
+        "milestones-inf": (["scheduler=multistep", "scheduler.milestones=[inf]"], ["scheduler.milestones"]),
+        "seed-2-to-the-32": (["seed=4294967296"], ["seed", "4294967296"]),
+        "cuda-negative": (["trainer.device=cuda:-1"], ["trainer.device", "cuda:-1"]),
+        "val-size-inf": (["dataset.val_size=inf"], ["dataset.val_size", "inf"]),
+        "epochs-1e21": (["trainer.epochs=1000000000000000000000"], ["trainer.epochs"]),
+        "steps-1e21": (["trainer.steps=1000000000000000000000"], ["trainer.steps"]),
+        "mnist-empty-files": (["dataset=mnist", f"dataset.root={shared / 'garbage_mnist'}"],
+                              ["mnist", "corrupted", str(shared / "garbage_mnist")]),
+        "checkpoint-format-only": ([f"trainer.resume={shared / 'format_only.pt'}"],
+                                   ["trainer.resume", "incomplete", "progress"]),
+        "resume-nothing-left": ([f"trainer.resume={mlp_checkpoint}", "trainer.epochs=1"],
+                                ["trainer.resume", "nothing left to train", "trainer.epochs"]),
+        "wandb-online-without-key": (["logger=wandb"], ["WANDB_API_KEY", "wandb login"]),
+        "slurm-not-found": (["-m", "launcher=slurm", "seed=0,1"], ["SLURM was not found", "sbatch"]),
+        # sweeps: everything that can be checked up front is, for every job, before any job runs
+        "sweep-cifar-missing": (["-m", "+experiment=sam_cifar", "seed=0,1", f"dataset.root={shared / 'empty'}"],
+                                [str(shared / "empty" / "cifar-10-batches-py"), "in sweep job"]),
+        "sweep-cuda-missing": (["-m", "trainer.device=cuda", "seed=0,1"], ["CUDA", "in sweep job"]),
+        "sweep-resume-garbage": (["-m", f"trainer.resume={shared / 'garbage.pt'}", "seed=0,1"],
+                                 ["trainer.resume", "in sweep job"]),
+        "sweep-resume-other-model": (["-m", "model=cnn", f"trainer.resume={mlp_checkpoint}", "seed=0,1"],
+                                     ["does not match", "in sweep job"]),
     }
+    environments = {"wandb-online-without-key": {"WANDB_MODE": "online", "HOME": str(shared / "home"),
+                                                 "NETRC": str(shared / "no.netrc")}}
     if torch.cuda.is_available():
-        del cases["cuda-missing"]
+        del cases["cuda-missing"], cases["sweep-cuda-missing"]
+    if shutil.which("sbatch"):
+        del cases["slurm-not-found"]
 
     def launch(item):
         name, (args, _) = item
@@ -298,7 +333,7 @@ def bad_inputs(tmp_path_factory):
         if name == "existing-run-dir":
             (cwd / "run").mkdir()
             (cwd / "run" / "notes.txt").write_text("keep me")
-        return name, cwd, runner_process(cwd, *args, timeout=180)
+        return name, cwd, runner_process(cwd, *args, env=environments.get(name), timeout=180)
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = {name: (cwd, out) for name, cwd, out in pool.map(launch, cases.items())}
@@ -307,7 +342,10 @@ def bad_inputs(tmp_path_factory):
 
 BAD = ["unknown-option", "unknown-experiment", "negative-lr", "negative-rho", "zero-batch", "label-noise-above-1",
        "lr-not-a-number", "cuda-missing", "cifar-missing", "resume-garbage", "resume-other-model", "typo-key",
-       "typo-key-sam", "unknown-top-level-key", "existing-run-dir"]
+       "typo-key-sam", "unknown-top-level-key", "existing-run-dir", "warmup-inf", "milestones-inf",
+       "seed-2-to-the-32", "cuda-negative", "val-size-inf", "epochs-1e21", "steps-1e21", "mnist-empty-files",
+       "checkpoint-format-only", "resume-nothing-left", "wandb-online-without-key", "slurm-not-found",
+       "sweep-cifar-missing", "sweep-cuda-missing", "sweep-resume-garbage", "sweep-resume-other-model"]
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, needles) -> str:
@@ -325,14 +363,14 @@ def assert_one_line_error(out: subprocess.CompletedProcess, needles) -> str:
 @pytest.mark.parametrize("name", BAD)
 def test_bad_input_is_one_line_and_leaves_no_run(bad_inputs, name):
     if name not in bad_inputs:
-        pytest.skip("CUDA is available here")
+        pytest.skip("CUDA (or SLURM) is available here")
     cwd, out, needles = bad_inputs[name]
     message = assert_one_line_error(out, needles)
-    assert len(message) < 1000
+    assert len(message) < 1000 and out.returncode == 2
     run_dir = cwd / "run"
     for artifact in ("summary.json", "metrics.jsonl", "checkpoints"):
         assert not (run_dir / artifact).exists(), f"a failed start left {artifact}"
-    assert not list(cwd.rglob("summary.json")) and not (cwd / "outputs").exists()
+    assert not list(cwd.rglob("summary.json")) and not (cwd / "outputs").exists() and not (cwd / "multirun").exists()
 
 
 def test_typo_key_without_plus_fails_cleanly(run_cli, tmp_path):
