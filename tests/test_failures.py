@@ -207,3 +207,18 @@ def test_one_config_one_folder_however_it_is_spelled(tmp_path):
 
     runs = find_runs([sweep])
     assert len(runs) == 2 and len(drop_duplicates(runs)[0]) == 2
+
+
+@pytest.mark.slow
+def test_a_folder_named_the_old_way_is_found_again(tmp_path):
+    """Sweeps made before folders were named by the signature alone (`<overrides>-<signature>`) are reused."""
+    first = runner_process(tmp_path, "-m", "seed=0", "trainer.epochs=1", *TINY)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sweep = tmp_path / "multirun" / "default"
+    (real,) = [p for p in sweep.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+    for link in [p for p in sweep.iterdir() if p.is_symlink()]:
+        link.unlink()
+    legacy = real.rename(sweep / f"model.hidden=_16_,trainer.epochs=1-{real.name}")
+    again = runner_process(tmp_path, "-m", "seed=0", "trainer.epochs=1", *TINY)
+    assert again.returncode == 0 and lines(again.stderr)[-1] == "sweep: 1 skipped", again.stderr[-2000:]
+    assert not (sweep / real.name).exists() and (legacy / "seed=0" / "summary.json").exists()
