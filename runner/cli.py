@@ -55,6 +55,68 @@ def check_launcher(argv: list[str]) -> None:
                  "node, or use launcher=submitit_local to try the same code path locally")
 
 
+def check_slurm_resources(argv: list[str]) -> None:
+    """`launcher=slurm`: the partition exists and one of its nodes can hold a job as requested (GPUs, CPUs,
+    memory); otherwise one line now, instead of sbatch's traceback or a job pending for ever (PartitionConfig)."""
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.sweep import register_resolvers
+
+    register_resolvers()
+    launcher_args = [a for a in argv if a.lstrip("+").startswith(("launcher=", "hydra.launcher."))]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        launcher = compose("config", overrides=launcher_args, return_hydra_config=True).hydra.launcher
+    GlobalHydra.instance().clear()
+    partition = launcher.get("partition")
+    cmd = ["sinfo", "-h", "-o", "%P|%c|%m|%G|%l"] + (["-p", str(partition)] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        fail(f"launcher=slurm: cannot ask SLURM about its partitions ({type(e).__name__}: {e})")
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 4]
+    if not partition:
+        rows = [r for r in rows if r[0].endswith("*")]
+    if out.returncode != 0 or not rows:
+        known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30).stdout.split()
+        fail(f"launcher=slurm: no partition {partition or '(default)'} on this cluster "
+             f"(partitions: {', '.join(known) or 'none'}); set hydra.launcher.partition=<name>")
+    name = rows[0][0].rstrip("*")
+    cpus = max(int(r[1].rstrip("+")) for r in rows)
+    mem_gb = max(int(r[2].rstrip("+")) for r in rows) / 1024
+    gpus = max(sum(int(g.split(":")[-1].split("(")[0]) for g in r[3].split(",") if g.startswith("gpu"))
+               for r in rows) if any("gpu" in r[3] for r in rows) else 0
+    want_gpus = int(launcher.get("gpus_per_node") or 0)
+    want_cpus = int(launcher.get("cpus_per_task") or 1) * int(launcher.get("tasks_per_node") or 1)
+    want_mem = launcher.get("mem_gb")
+    if want_gpus > gpus:
+        fail(f"launcher=slurm: hydra.launcher.gpus_per_node={want_gpus} but partition {name} has "
+             f"{gpus or 'no'} GPUs per node; on a CPU partition set hydra.launcher.gpus_per_node=0")
+    if want_cpus > cpus:
+        fail(f"launcher=slurm: a job asks {want_cpus} CPUs (hydra.launcher.cpus_per_task x tasks_per_node) but the "
+             f"nodes of partition {name} have at most {cpus}: it would pend for ever (PartitionConfig)")
+    if want_mem is not None and want_mem > mem_gb:
+        fail(f"launcher=slurm: hydra.launcher.mem_gb={want_mem} but the nodes of partition {name} have at most "
+             f"{mem_gb:.1f} GB: it would pend for ever (PartitionConfig)")
+    limit = _minutes(rows[0][4])
+    if limit is not None and launcher.get("timeout_min") and int(launcher.timeout_min) > limit:
+        fail(f"launcher=slurm: hydra.launcher.timeout_min={launcher.timeout_min} but partition {name} allows "
+             f"{limit} minutes per job: it would pend for ever (PartitionTimeLimit); lower timeout_min (a job past "
+             "it is requeued and resumes)")
+
+
+def _minutes(limit: str) -> int | None:
+    """SLURM's time limit (`infinite`, `MM`, `MM:SS`, `HH:MM:SS`, `D-HH:MM:SS`) in whole minutes."""
+    if limit.strip() in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    hours, minutes, seconds = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 1440 + hours * 60 + minutes + (seconds > 0)
+
+
 def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
     """Compose and validate every job (one for a single run, all of a `-m` sweep) before Hydra starts, so a
     bad value is one line and no run directory is created."""
@@ -146,5 +208,7 @@ def preflight_all(argv: list[str]) -> None:
         return
     preflight(argv)
     check_launcher(argv)
+    if any(a.lstrip("+") in ("launcher=slurm", "hydra/launcher=runner_slurm") for a in argv):
+        check_slurm_resources(argv)
     if not any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
         validate_jobs(argv)  # another primary config: Hydra and run() still validate

@@ -204,6 +204,10 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
     except KeyboardInterrupt as e:
         result = summary("interrupted", str(e) or "KeyboardInterrupt")
         raise
+    except SystemExit as e:  # submitit exits a preempted or timed-out SLURM job after requeueing it
+        result = summary("interrupted", f"SystemExit({e.code}): stopped by the launcher (a preempted or timed-out "
+                                        "SLURM job is requeued and resumes from its checkpoint)")
+        raise
     except BaseException as e:
         result = summary("failed", "".join(traceback.format_exception(e)[-3:]).strip())
         _log_traceback(record, e)

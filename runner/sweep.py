@@ -106,7 +106,7 @@ def tally(multirun: bool) -> tuple[dict, list[str]] | None:
                 continue
             seen.add(job["run_dir"])
             counts[job["status"]] = counts.get(job["status"], 0) + 1
-            if job["status"] == "failed":
+            if job["status"] in ("failed", "cancelled"):
                 failed.append(job["run_dir"])
     expected = _expected_jobs[0] if _expected_jobs else None
     if expected is not None and expected > len(seen):

@@ -1,0 +1,166 @@
+"""`launcher=slurm` against a real SLURM cluster (scripts/slurm_cluster.sh; CI starts one). Skipped where SLURM is
+not installed or not running, except when RUNNER_REQUIRE_SLURM=1 (CI), where that is a failure.
+
+Waits are short: tiny models, seconds per job. SLURM holds a requeued job about two minutes before it starts
+again, so the two requeue cases (preemption, time limit) run in parallel in one test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from tests.conftest import cli_env
+except ImportError:
+    from conftest import cli_env
+
+
+def slurm_usable() -> str:
+    """'' when a cluster answers, else why not."""
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (no sbatch)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"sinfo failed: {e}"
+    if out.returncode != 0 or not any(state in out.stdout for state in ("idle", "mix", "alloc", "completing")):
+        return f"no SLURM cluster answers (sinfo: {out.stderr.strip() or out.stdout.strip()})"
+    return ""
+
+
+REASON = slurm_usable()
+if REASON and os.environ.get("RUNNER_REQUIRE_SLURM") == "1":
+    raise RuntimeError(f"RUNNER_REQUIRE_SLURM=1 but {REASON}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=REASON)]
+
+CPU = ("launcher=slurm", "hydra.launcher.gpus_per_node=0", "logger=none", "trainer.progress=false")
+SMALL = ("model.hidden=[16]",)
+
+
+def runner(tmp_path: Path, *args, wait: bool = True, timeout: float = 600):
+    cmd = [sys.executable, "-m", "runner", "-m", *CPU, *args]
+    env = cli_env(tmp_path)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def runs(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.glob("*/seed=*") if p.is_dir() and not p.parent.is_symlink())
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def array_tasks() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+def test_an_array_completes_and_a_rerun_skips_it(tmp_path):
+    first = runner(tmp_path, "seed=0,1,2", "trainer.epochs=2", *SMALL)
+    assert first.returncode == 0 and last_line(first.stderr) == "sweep: 3 completed", first.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "default"
+    assert [summary(d)["status"] for d in runs(sweep)] == ["completed"] * 3
+    again = runner(tmp_path, "seed=0,1,2", "trainer.epochs=2", *SMALL)
+    assert again.returncode == 0 and last_line(again.stderr) == "sweep: 3 skipped", again.stderr[-3000:]
+
+
+def test_a_failing_job_is_tallied_and_exits_1(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"garbage")
+    out = runner(tmp_path, "dataset=digits,mnist", f"dataset.root={tmp_path / 'data'}", "trainer.epochs=1", *SMALL)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert last_line(out.stderr).startswith("sweep: 1 completed, 1 failed; failed: "), out.stderr[-3000:]
+
+
+def test_an_impossible_request_is_one_line_before_anything_is_submitted(tmp_path):
+    for args, words in ((["hydra.launcher.gpus_per_node=1"], "no GPUs"),
+                        (["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=4096"], "PartitionConfig"),
+                        (["hydra.launcher.gpus_per_node=0", "hydra.launcher.mem_gb=100000"], "PartitionConfig"),
+                        (["hydra.launcher.partition=nope"], "no partition nope")):
+        out = subprocess.run([sys.executable, "-m", "runner", "-m", "launcher=slurm", "seed=0,1", *args],
+                             cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_scancel_of_one_task_is_recorded_and_tallied(tmp_path):
+    proc = runner(tmp_path, "trainer.epochs=2,100000", *SMALL, wait=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len([t for t in array_tasks() if "_" in t]) < 2:
+        time.sleep(0.5)
+    long_task = [t for t in array_tasks() if t.endswith("_1")]
+    assert long_task, "the array never ran"
+    time.sleep(3)
+    subprocess.run(["scancel", long_task[0]], check=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert last_line(stderr).startswith("sweep: 1 cancelled, 1 completed"), stderr[-3000:]
+    statuses = sorted(summary(d)["status"] for d in runs(tmp_path / "multirun" / "default"))
+    assert statuses == ["cancelled", "completed"]
+    cancelled = [summary(d) for d in runs(tmp_path / "multirun" / "default") if summary(d)["status"] == "cancelled"]
+    assert "CANCELLED" in cancelled[0]["error"]
+
+
+def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_result(tmp_path):
+    """Two sweeps at once: one preempted with `scancel --signal=USR2` after its first checkpoint, one past its
+    time limit (1 minute, USR2 30 s before: ~45 s of training needs one requeue). Both are requeued, resume from
+    their checkpoints and end with the metrics and weights of an uninterrupted run (deterministic, one thread)."""
+    args = ("trainer.deterministic=true", "model=cnn", "model.width=8")
+    preempted, timed, twin = tmp_path / "preempted", tmp_path / "timed", tmp_path / "twin"
+    for folder in (preempted, timed, twin):
+        folder.mkdir()
+    # the uninterrupted twins first, here (not on SLURM), so they do not slow the jobs' time-limited windows
+    twins = [subprocess.Popen([sys.executable, "-m", "runner", f"trainer.epochs={epochs}", *args, "logger=none",
+                               "trainer.progress=false", f"hydra.run.dir={folder}"], cwd=twin, env=cli_env(twin),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for epochs, folder in ((600, twin / "a"), (900, twin / "b"))]
+    for proc in twins:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    p = runner(preempted, "trainer.epochs=600", *args, wait=False)
+    t = runner(timed, "trainer.epochs=900", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30",
+               *args, wait=False)
+    deadline = time.monotonic() + 120
+    checkpoint = None
+    while time.monotonic() < deadline and checkpoint is None:
+        found = list((preempted / "multirun").glob("default/*/seed=0/checkpoints/last.pt"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.2)
+    assert checkpoint is not None, "the preempted job never checkpointed"
+    job = [line.split()[0] for line in subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True,
+                                                      text=True).stdout.splitlines() if str(preempted) in line]
+    subprocess.run(["scancel", "--signal=USR2", job[0]], check=True)
+    time.sleep(10)
+    interrupted = summary(checkpoint.parent.parent)
+    assert interrupted["status"] == "interrupted" and "requeued" in interrupted["error"], interrupted
+    for proc, folder, reference in ((p, preempted, twin / "a"), (t, timed, twin / "b")):
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0 and last_line(stderr) == "sweep: 1 completed", stderr[-3000:]
+        (run_dir,) = runs(folder / "multirun" / "default")
+        resumed, expected = summary(run_dir), summary(reference)
+        assert resumed["status"] == "completed" and resumed["resumed_from_epoch"] >= 1, resumed
+        assert resumed["final"] == expected["final"]
+        read = lambda d: [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
+                          for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert read(run_dir) == read(reference)
+        a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+        b = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
