@@ -99,4 +99,4 @@ class Task:
     info: dict = field(default_factory=dict)  # extra summary.json entries, e.g. label_noise_fraction
 
 
-from tasks import image_classification, tabular_classification  # noqa: E402,F401  (imports register)
+from tasks import image_classification, modular_arithmetic, tabular_classification  # noqa: E402,F401

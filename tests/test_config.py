@@ -57,6 +57,7 @@ ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
 SHAPES = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10),
           "cifar100": (3, 32, 100), "synthetic": (3, 32, 10)}
 FEATURES = {"wine": (13, 3), "breast_cancer": (30, 2)}  # feature datasets: (dim, classes)
+TOKENS = {"modular_arithmetic": (2, 113)}  # token datasets: (length, classes)
 CIFAR_MODELS = ("resnet18", "wrn")  # checked at 3x32x32; the others at digits' 1x8x8
 
 
@@ -177,12 +178,15 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
     task = TASKS.validate(params).build(seed=0, device=torch.device("cpu"))
     if name in FEATURES:
         shape, num_classes = (FEATURES[name][0],), FEATURES[name][1]
+    elif name in TOKENS:
+        shape, num_classes = (TOKENS[name][0],), TOKENS[name][1]
     else:
         channels, size, num_classes = SHAPES[name]
         shape = (channels, size, size)
     assert (task.input.shape, task.num_classes) == (shape, num_classes)
     x, y, _ = next(iter(task.train))
-    assert x.shape[1:] == shape and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape[1:] == shape and y.dtype == torch.int64
+    assert x.dtype == (torch.int64 if task.input.kind == "tokens" else torch.float32)
     assert set(task.evals) >= {"test"}
     model = MODELS.validate({"name": "mlp", "hidden": [16]}).build(input=task.input, num_classes=num_classes)
     assert model(x).shape == (len(y), num_classes)
