@@ -183,6 +183,7 @@ def check_folder(folder: Path, spec, job, first_job) -> None:
     """Refuse a job whose run folder another job of this command takes, or that holds another run's record:
     one job's record must never replace another's."""
     from runner.config import ConfigError
+    from runner.run import check_owner
     from runner.rundir import RunDir
     from runner.signature import signature
 
@@ -194,12 +195,7 @@ def check_folder(folder: Path, spec, job, first_job) -> None:
             f"jobs `{' '.join(first_job)}` and `{' '.join(job)}` would share the run folder {folder}: they differ "
             f"only in {', '.join(differ)}, which does not define the experiment (runner/spec.py NON_IDENTITY_KEYS), "
             f"so one record would replace the other; run them as separate commands with another hydra.sweep.dir"))
-    summary = RunDir(folder, create=False).read_summary() if folder.is_dir() else None
-    sig = signature(spec.resolved)
-    if summary and ((summary.get("signature") not in (None, sig)) or summary.get("seed") not in (None, spec.seed)):
-        raise ConfigError("hydra.run.dir", message=(
-            f"{folder} holds another run (signature {summary.get('signature')}, seed {summary.get('seed')}; this "
-            f"job: signature {sig}, seed {spec.seed}); it is left as it is: choose another folder"))
+    check_owner(RunDir(folder, create=False), signature(spec.resolved), spec.seed)
 
 
 def preflight_all(argv: list[str]) -> None:
