@@ -36,7 +36,9 @@ import scipy.stats
 from runner.rundir import CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml
 from runner.signature import flatten, group_config, signature
 
-STATUSES = ("completed", "diverged", "failed")  # anything else counts as "other"
+#: Columns of run counts; anything else (running: no summary yet) counts as "other". `interrupted` is Ctrl-C,
+#: SIGTERM or a preempted/timed-out SLURM job waiting to be requeued; `cancelled` a job SLURM ended (scancel).
+STATUSES = ("completed", "diverged", "failed", "interrupted", "cancelled")
 
 
 class ReportError(Exception):
@@ -234,7 +236,7 @@ class Group:
         return [r for r in self.runs if r.completed]
 
     def counts(self) -> dict[str, int]:
-        """Number of runs per status: completed, diverged, failed and other (running, interrupted, ...)."""
+        """Number of runs per status: completed, diverged, failed, interrupted, cancelled and other (running)."""
         by_status = Counter(r.status for r in self.runs)
         counts = {s: by_status.pop(s, 0) for s in STATUSES}
         counts["other"] = sum(by_status.values())

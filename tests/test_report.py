@@ -199,7 +199,8 @@ def test_real_sweep_is_two_groups_of_three_seeds(sweep):
         (optimizer,) = {r.config["optimizer"]["name"] for r in group.runs}
         assert group.signature == on_disk[optimizer][0]["summary"]["signature"]
         assert sorted(r.summary["seed"] for r in group.runs) == list(SEEDS)
-        assert group.counts() == {"completed": 3, "diverged": 0, "failed": 0, "other": 0}
+        assert group.counts() == {"completed": 3, "diverged": 0, "failed": 0, "interrupted": 0, "cancelled": 0,
+                                  "other": 0}
         assert f"optimizer.name={optimizer}" in group.label.split()
 
 
@@ -255,14 +256,16 @@ def test_statistics_match_numpy_and_scipy(sweep):
 def test_incomplete_runs_are_counted_not_averaged(sweep, tmp_path):
     group = copy_group(sweep, "sgd", tmp_path)
     finals = [r["summary"]["final"]["test/acc"] for r in runs_on_disk(sweep)["sgd"]]
-    running, failed, interrupted = (group / "seed=10", group / "seed=11", group / "seed=12")
-    for src, dst in zip(SEEDS, (running, failed, interrupted)):
+    running, failed, interrupted, cancelled = (group / f"seed={s}" for s in (10, 11, 12, 13))
+    for src, dst in zip([*SEEDS, SEEDS[0]], (running, failed, interrupted, cancelled)):
         shutil.copytree(group / f"seed={src}", dst)
     (running / "summary.json").unlink()  # no summary yet: still running
-    edit_summary(failed, lambda s: s.update(status="failed"))
-    edit_summary(interrupted, lambda s: s.update(status="interrupted"))
+    edit_summary(failed, lambda s: s.update(status="failed", seed=11))
+    edit_summary(interrupted, lambda s: s.update(status="interrupted", seed=12))  # e.g. preempted, to be requeued
+    edit_summary(cancelled, lambda s: s.update(status="cancelled", seed=13))      # scancel
     (row,) = summarize(group_runs(find_runs([tmp_path])))
-    assert (row["n"], row["completed"], row["failed"], row["diverged"], row["other"]) == (6, 3, 1, 0, 2)
+    assert (row["n"], row["completed"], row["failed"], row["diverged"], row["interrupted"], row["cancelled"],
+            row["other"]) == (7, 3, 1, 0, 1, 1, 1)
     assert row["final_test/acc"] == pytest.approx(expected_stat(finals))
 
 
