@@ -16,3 +16,28 @@ def test_label_smoothed_cross_entropy_closed_form():
     assert math.isclose(loss(logits, y).item(), float(sum(expected) / 2), rel_tol=1e-6)
     # what is reported stays plain cross-entropy
     assert math.isclose(measured_loss(logits, y).item(), float(-(log_p[0, 0] + log_p[1, 1]) / 2), rel_tol=1e-6)
+
+
+def test_stablemax_cross_entropy_closed_form_and_gradient():
+    """s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0); loss = -log(s(x_y) / sum_j s(x_j)) (Prieto et al. 2025)."""
+    import torch.autograd
+
+    from runner.losses.stablemax import stablemax_s
+
+    x = torch.tensor([-3.0, -1.0, -1e-9, 0.0, 1e-9, 1.0, 1.0, 3.0], dtype=torch.float64)
+    expected = torch.tensor([1 / 4, 1 / 2, 1 / (1 + 1e-9), 1.0, 1 + 1e-9, 2.0, 2.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(stablemax_s(x), expected)                 # continuous at 0, no inf at x = 1
+    loss = LOSSES.validate({"name": "stablemax"}).build(num_classes=3)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [-0.5, 1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1])
+    s = [[3.0, 1.0, 0.5], [1 / 1.5, 2.0, 4.0]]
+    by_hand = [-math.log(s[0][0] / sum(s[0])), -math.log(s[1][1] / sum(s[1]))]
+    torch.testing.assert_close(loss(logits, y, reduction="none"), torch.tensor(by_hand, dtype=torch.float64))
+    assert math.isclose(loss(logits, y).item(), sum(by_hand) / 2, rel_tol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: loss(z, y), (logits,))      # the gradient is the math's
+    # where softmax collapses in float32 (the true class's loss is exactly 0), StableMax still has a gradient
+    big = torch.tensor([[120.0, 0.0, 0.0]], requires_grad=True)
+    assert torch.nn.functional.cross_entropy(big, torch.tensor([0])).item() == 0.0
+    stable = loss(big, torch.tensor([0]))
+    stable.backward()
+    assert stable.item() > 0 and big.grad.abs().sum().item() > 0

@@ -19,4 +19,4 @@ def measured_loss(logits, targets, reduction: str = "mean"):
     return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
-from runner.losses import cross_entropy  # noqa: E402,F401  (import registers the losses)
+from runner.losses import cross_entropy, stablemax  # noqa: E402,F401  (import registers the losses)
