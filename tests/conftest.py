@@ -7,6 +7,7 @@ the test's tmp_path, offline: wandb writes only under tmp_path and never sees a 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def compose():
 
 def cli_env(tmp_path: Path, **extra: str) -> dict:
     """The environment of a CLI subprocess: the repo importable, wandb offline and confined to tmp_path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "HYDRA_FULL_ERROR"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("WANDB_") and k not in ("HYDRA_FULL_ERROR", "RUNNER_LAUNCH_ID")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb_dir"),
                WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"),
@@ -75,3 +77,61 @@ def run_cli(tmp_path):
         return runner_process(tmp_path, *args, **kwargs)
 
     return _run
+
+
+TIMEOUT = 300  # seconds for one CLI call (a loaded 2-core machine is slow to import torch)
+
+
+def runner_cmd(*args) -> list[str]:
+    """`python -m runner *args`, with `logger=none` unless a logger is chosen."""
+    args = [str(a) for a in args]
+    if not any(a.split("=", 1)[0].lstrip("+~") == "logger" for a in args):
+        args.append("logger=none")
+    return [sys.executable, "-m", "runner", *args]
+
+
+class Job:
+    """`python -m runner *args` started in the background; output goes to files (no pipe can fill up)."""
+
+    def __init__(self, tmp_path: Path, name: str, *args):
+        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(runner_cmd(*args), cwd=tmp_path, env=cli_env(tmp_path), stdout=out,
+                                         stderr=err)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """`spawn(name, *args)` -> a started Job; any still running when the test ends is killed."""
+    started: list[Job] = []
+
+    def _spawn(name: str, *args) -> Job:
+        started.append(Job(tmp_path, name, *args))
+        return started[-1]
+
+    yield _spawn
+    for job in started:
+        if job.proc.poll() is None:
+            job.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
+            job.proc.kill()
+            job.proc.wait()

@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -28,82 +27,18 @@ import yaml
 import scipy.stats
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 300  # seconds for one CLI call (a loaded 2-core machine is slow to import torch)
+try:
+    from tests.conftest import TIMEOUT, cli_env, runner_cmd
+except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
+    from conftest import TIMEOUT, cli_env, runner_cmd
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-def cli_env(tmp_path: Path, **extra: str) -> dict:
-    """The repo importable, wandb offline under tmp_path, and no launch id inherited from the caller."""
-    drop = ("WANDB_", "HYDRA_FULL_ERROR", "RUNNER_LAUNCH_ID")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "wandb"), PYTHONUNBUFFERED="1")
-    # One intra-op thread per process: these models are tiny, and with several runners (or test workers) on
-    # two cores, torch's default of one thread per core oversubscribes them (epochs 10-100x slower).
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-def runner_cmd(*args) -> list[str]:
-    args = [str(a) for a in args]
-    if not any(a.split("=", 1)[0].lstrip("+~") == "logger" for a in args):
-        args.append("logger=none")
-    return [sys.executable, "-m", "runner", *args]
-
 
 def cli(tmp_path: Path, *args, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """`python -m runner *args` in tmp_path, to completion."""
     return subprocess.run(runner_cmd(*args), cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True,
                           timeout=timeout)
-
-
-class Job:
-    """`python -m runner *args` started in the background; output goes to files (no pipe can fill up)."""
-
-    def __init__(self, tmp_path: Path, name: str, *args):
-        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(runner_cmd(*args), cwd=tmp_path, env=cli_env(tmp_path), stdout=out,
-                                         stderr=err)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    @property
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """`spawn(name, *args)` -> a started Job; any still running when the test ends is killed."""
-    started: list[Job] = []
-
-    def _spawn(name: str, *args) -> Job:
-        started.append(Job(tmp_path, name, *args))
-        return started[-1]
-
-    yield _spawn
-    for job in started:
-        if job.proc.poll() is None:
-            job.proc.kill()
-            job.proc.wait()
 
 
 def ok(result, what: str = "runner") -> None:

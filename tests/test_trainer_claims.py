@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,11 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from tests.conftest import cli_env, runner_process
+    from tests.conftest import TIMEOUT, Job, runner_process
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from conftest import cli_env, runner_process
-
-TIMEOUT = 300  # seconds for one CLI call (a loaded 2-core machine is slow to import torch)
+    from conftest import TIMEOUT, Job, runner_process
 TINY = ("model.hidden=[16]", "trainer.progress=false")  # 64 -> 16 -> 10 MLP on digits
 STEPS_PER_EPOCH = math.ceil(1437 / 64)  # digits: 1437 training images, batch 64
 SGD_LR, SGD_MOMENTUM = 0.05, 0.9  # conf/optimizer/sgd.yaml
@@ -105,48 +102,6 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
     """Every file of a run folder that a second process must not touch (Hydra's .hydra/ and log aside)."""
     files = [run_dir / "summary.json", run_dir / "metrics.jsonl", *sorted((run_dir / "checkpoints").glob("*"))]
     return {str(f.relative_to(run_dir)): f.read_bytes() for f in files if f.is_file()}
-
-
-class Job:
-    """`python -m runner *args` in the background; output to files (no pipe can fill up)."""
-
-    def __init__(self, tmp_path: Path, name: str, *args):
-        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        args = [str(a) for a in args]
-        if not any(a.split("=", 1)[0].lstrip("+~") == "logger" for a in args):
-            args.append("logger=none")
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path,
-                                         env=cli_env(tmp_path), stdout=out, stderr=err)
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    @property
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    """`spawn(name, *args)` -> a started Job; any still running at the end of the test is killed (by its pid)."""
-    started: list[Job] = []
-
-    def _spawn(name: str, *args) -> Job:
-        started.append(Job(tmp_path, name, *args))
-        return started[-1]
-
-    yield _spawn
-    for job in started:
-        if job.proc.poll() is None:
-            job.proc.send_signal(signal.SIGCONT)  # in case a test stopped it
-            job.proc.kill()
-            job.proc.wait()
 
 
 def wait_for(condition, job: Job, what: str, timeout: float = TIMEOUT, poll: float = 0.005) -> None:
