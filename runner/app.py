@@ -40,6 +40,8 @@ def task(cfg: DictConfig) -> str:
         except RunFailed as e:  # recorded in summary.json, the traceback in runner.log
             fail(f"failed: {e} (the record: {run_dir}/summary.json, traceback in runner.log)", code=1)
         print(outcome(summary, run_dir), file=sys.stderr)
+        if summary.get("analysis_errors"):
+            fail(analysis_failure(summary, run_dir), code=1)
         return summary["status"]
 
     sweep_dir = hydra_cfg.sweep.dir
@@ -48,6 +50,9 @@ def task(cfg: DictConfig) -> str:
         summary = run(cfg, run_dir)
         status = "skipped" if summary.get("skipped") else summary["status"]
         log.info("%s", outcome(summary, run_dir))
+        if summary.get("analysis_errors"):
+            status = "failed"
+            log.error("%s", analysis_failure(summary, run_dir))
     except KeyboardInterrupt:
         raise
     except RunBusy as e:
@@ -73,7 +78,18 @@ def outcome(summary: dict, run_dir: Path) -> str:
     final = summary.get("final") or {}
     shown = [f"{k}={final[k]:.4g}" for k in ("test/acc", "test/loss", "train/loss")
              if isinstance(final.get(k), float)][:2]
-    return f"{status}: {' '.join(shown) or 'no metrics'} -> {run_dir}"
+    done = sorted({key.split("/")[0] for key in summary.get("analysis") or {}})
+    analysed = f" (analysis: {', '.join(done)} in {run_dir / 'analysis'})" if done else ""
+    return f"{status}: {' '.join(shown) or 'no metrics'} -> {run_dir}{analysed}"
+
+
+def analysis_failure(summary: dict, run_dir: Path) -> str:
+    """The line for analyses that failed on a run whose training is recorded (and kept)."""
+    errors = summary["analysis_errors"]
+    names = ",".join(errors)
+    first = next(iter(errors.values()))
+    return (f"analysis failed: {first} (the run itself is {summary['status']}; retry with python -m runner.analyze "
+            f"{run_dir} analysis=[{names}]; traceback in runner.log)")
 
 
 def link_readable_name(run_dir: Path, override_dirname: str) -> None:

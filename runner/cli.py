@@ -30,6 +30,8 @@ def preflight(argv: list[str]) -> None:
         if "/" in group or "." in group or not (CONF_DIR / group).is_dir() or "(" in value:
             continue  # a value, a hydra/... group or a sweep function: Hydra handles it
         available = options(group)
+        if value.startswith("[") and value.endswith("]"):  # several options at once: analysis=[hessian,sharpness]
+            value = value[1:-1]
         for option in value.split(","):
             if option.strip() and option.strip() not in available:
                 fail(f"unknown {group} '{option.strip()}' (available: {', '.join(available)})")

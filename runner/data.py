@@ -22,14 +22,17 @@ class DeviceBatches:
     Shuffling and the transform's randomness draw from `generator` (on the same device), whose state is
     checkpointed, so the data order of a resumed run is the uninterrupted run's. `transform(x, generator)` maps
     the stored inputs of a batch to the model's input; `with_indices` adds each batch's sample indices (for
-    methods that declare `sample_indices`, e.g. ESAM's per-sample selection).
+    methods that declare `sample_indices`, e.g. ESAM's per-sample selection). `plain_transform` is the transform
+    without augmentation (analyses evaluate fixed training samples with it, runner/analysis/probe.py).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool,
                  generator: Optional[torch.Generator] = None,
                  transform: Optional[Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]] = None,
-                 with_indices: bool = False):
+                 with_indices: bool = False,
+                 plain_transform: Optional[Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]] = None):
         self.x, self.y = x, y
+        self.plain_transform = plain_transform if plain_transform is not None else transform
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
         self.transform, self.with_indices = transform, with_indices
 
@@ -48,6 +51,14 @@ class DeviceBatches:
     @property
     def num_samples(self) -> int:
         return len(self.y)
+
+    def plain_inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's inputs and targets of samples `index`, without augmentation and without drawing from the
+        data generator (so the training data order is untouched)."""
+        x, y = self.x[index], self.y[index]
+        if self.plain_transform is not None:
+            x = self.plain_transform(x, None)
+        return x, y
 
     def __iter__(self) -> Iterator[Batch]:
         n, dev = len(self.y), self.y.device

@@ -33,7 +33,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 import scipy.stats
 
-from runner.rundir import CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml
+from runner.rundir import ANALYSIS, CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml
 from runner.signature import flatten, group_config, signature
 
 #: Columns of run counts; anything else (running: no summary yet) counts as "other". `interrupted` is Ctrl-C,
@@ -113,8 +113,19 @@ class Run:
 
     @property
     def final(self) -> dict:
-        """The summary's last evaluation (empty while running)."""
-        return dict((self.summary or {}).get("final") or {})
+        """The summary's last evaluation (empty while running), with the numbers of the analyses on disk
+        (analysis/<name>.json, also those computed post hoc by `python -m runner.analyze`: they win)."""
+        if self.summary is None:
+            return {}
+        return {**((self.summary or {}).get("final") or {}), **self.analysis}
+
+    @cached_property
+    def analysis(self) -> dict:
+        """`<name>/<key>` -> value from every analysis/<name>.json of the run."""
+        out = {}
+        for path in sorted((self.path / ANALYSIS).glob("*.json")):
+            out.update({k: v for k, v in ((read_json(path) or {}).get("scalars") or {}).items() if _is_number(v)})
+        return out
 
     @cached_property
     def metrics(self) -> list[dict]:
@@ -168,7 +179,7 @@ class Run:
 
 def lower_is_better(metric: str) -> bool:
     """Losses, errors and sharpness are minimized; accuracies are maximized."""
-    return any(word in metric for word in ("loss", "err", "sharpness", "time"))
+    return any(word in metric for word in ("loss", "err", "sharpness", "time", "hessian/"))
 
 
 def find_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
@@ -336,8 +347,10 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def stat_columns(metric: str, runs: Sequence[Run]) -> list[str]:
-    """Names of the mean ± std columns: final and best `metric`, final test/loss, then sharpness keys."""
-    sharpness = sorted({k for r in runs if r.completed for k in r.final if k.startswith("sharpness/")})
+    """Names of the mean ± std columns: final and best `metric`, final test/loss, then the curvature and
+    sharpness numbers (hessian/..., sharpness/...) of the runs' analyses."""
+    sharpness = sorted({k for r in runs if r.completed for k in r.final if k.startswith(("sharpness/", "hessian/"))
+                        and not k.endswith("_stderr")})
     columns = [f"final_{metric}", f"best_{metric}", "final_test/loss"] + [f"final_{k}" for k in sharpness]
     return list(dict.fromkeys(columns))
 

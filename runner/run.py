@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from runner.config import ConfigError
 from runner.experiment import (Experiment, build, check_environment, latest_checkpoint, load_checkpoint,
                                resolve_device)
-from runner.rundir import OVERRIDES, RunDir, command_line, device_name, git_state, versions
+from runner.rundir import ANALYSIS, OVERRIDES, RunDir, command_line, device_name, git_state, versions
 from runner.signature import signature
 from runner.spec import validate
 from runner.sweep import RunLock
 from runner.train import Progress, train
+from runner.analysis.schedule import analyze, callbacks as analysis_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if previous is None and record.summary_path.exists():
         log.warning("%s is unreadable (torn or corrupt): treated as absent; resuming from the checkpoints",
                     record.summary_path)
-    if previous is not None and previous.get("status") in ("completed", "diverged"):
-        return {**previous, "skipped": True}
     lock = RunLock(record.path)
+    if previous is not None and previous.get("status") in ("completed", "diverged"):
+        if spec.analysis is None or previous["status"] != "completed":
+            return {**previous, "skipped": True}
+        if not lock.acquire():  # analyses added to a finished run: analyse its checkpoint, never retrain
+            raise RunBusy(f"{record.path} is being analysed by another process; skipped")
+        try:
+            with sigterm_as_interrupt():
+                return {**previous, **_analyze_finished(spec, device, record), "skipped": True}
+        finally:
+            lock.release()
     if not lock.acquire():
         raise RunBusy(f"{record.path} is being trained by another process; skipped")
     try:
@@ -109,6 +118,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 raise RunFailed(record.path, e) from e
     finally:
         lock.release()
+
+
+def _analyze_finished(spec, device, record: RunDir) -> dict:
+    """The analyses of `spec` on a finished run's last checkpoint (those already done with the same settings are
+    skipped); their numbers and errors for the returned summary."""
+    from runner.analysis.schedule import analyze
+    from runner.experiment import load_run
+
+    experiment, progress = load_run(record.path, "last", device=device)
+    metrics, errors = analyze(experiment, progress, spec.analysis, record.path / ANALYSIS,
+                              checkpoint_name="checkpoints/last.pt", skip_done=True)
+    return {"analysis": metrics, "analysis_errors": errors}
 
 
 def _build_and_resume(spec, device, resume: dict | None, where: str, record: RunDir) -> tuple[Experiment, Progress]:
@@ -197,10 +218,21 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
                 "device": device.type, "device_name": device_name(device), "command": command_line(),
                 **experiment.task.info}
 
-    result = None
+    result, metrics, errors = None, {}, {}
     try:
-        status = train(experiment, progress, RunSink(record, logger, experiment, progress))
+        sink = RunSink(record, logger, experiment, progress)
+        status = train(experiment, progress, sink, callbacks=analysis_callbacks(experiment, record.path / ANALYSIS))
+        if status == "completed" and spec.analysis is not None and spec.analysis.at_end:
+            # after the final checkpoint: an analysis that fails or is interrupted never costs the training
+            metrics, errors = analyze(experiment, progress, spec.analysis, record.path / ANALYSIS, logger=logger)
+            if metrics:
+                sink.record({"step": progress.step, "epoch": progress.epoch, **metrics})
+                progress.final.update(metrics)
         result = summary(status)
+        if spec.analysis is not None and status == "completed":
+            result["analysis"] = metrics
+        if errors:
+            result["analysis_errors"] = errors
     except KeyboardInterrupt as e:
         result = summary("interrupted", str(e) or "KeyboardInterrupt")
         raise

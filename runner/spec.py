@@ -29,9 +29,10 @@ def registries() -> dict:
             "logger": LOGGERS}
 
 
-#: Every top-level key of a job's config: the groups with a registry, `trainer` (one schema), and two values.
+#: Every top-level key of a job's config: the groups with a registry, `trainer` (one schema), two values, and
+#: the optional `analysis` node (runner/analysis/: several options at once, not part of the run's identity).
 GROUP_KEYS = ("dataset", "model", "loss", "optimizer", "scheduler", "trainer", "logger")
-TOP_LEVEL_KEYS = (*GROUP_KEYS, "seed", "experiment")
+TOP_LEVEL_KEYS = (*GROUP_KEYS, "seed", "experiment", "analysis")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -64,6 +65,7 @@ class Spec:
     logger: Choice
     trainer: Any  # runner.train.TrainerConfig
     resolved: dict
+    analysis: Any = None  # runner.analysis.Plan, or None without analyses
 
 
 def validate(cfg: DictConfig | dict) -> Spec:
@@ -91,5 +93,8 @@ def validate(cfg: DictConfig | dict) -> Spec:
     if produces not in accepts:
         raise ConfigError("model.name", message=f"model={choices['model'].name} takes {', '.join(accepts)} input; "
                                                 f"dataset={choices['dataset'].name} gives {produces}")
-    return Spec(seed=seed, experiment=str(resolved.get("experiment", "default")), trainer=trainer,
+    from runner.analysis import validate_plan
+
+    analysis = validate_plan(resolved.get("analysis"))
+    return Spec(seed=seed, experiment=str(resolved.get("experiment", "default")), trainer=trainer, analysis=analysis,
                 resolved={k: v for k, v in resolved.items() if k != "hydra"}, **choices)

@@ -299,9 +299,10 @@ def build_image_task(name: str, *, seed: int, device: torch.device, channels_las
     def batches(split: Split, size: int, *, train_split: bool) -> DeviceBatches:
         transform = ImageTransform(raw.mean, raw.std, device, augment=augment and train_split,
                                    channels_last=channels_last)
+        plain = ImageTransform(raw.mean, raw.std, device, augment=False, channels_last=channels_last)
         return DeviceBatches(split.x.to(device), split.y.to(device), size, shuffle=train_split,
                              generator=generator if train_split else None, transform=transform,
-                             with_indices=with_indices and train_split)
+                             with_indices=with_indices and train_split, plain_transform=plain)
 
     return Task(train=batches(train, batch_size, train_split=True),
                 evals={split_name: batches(split, eval_batch_size, train_split=False)

@@ -1,0 +1,100 @@
+"""When analyses run: on the training loop's step clock, at the end of training, and post hoc.
+
+- During training (`AnalysisCallback`): scalar analyses (hessian, sharpness) every `analysis.every_steps` /
+  `every_epochs`; their numbers join that step's record in metrics.jsonl and the dashboard. PCA saves a parameter
+  snapshot at its own cadence. Nothing is written or modified but the record and the snapshots.
+- At the end (`analyze`, called by runner/run.py after the final checkpoint is written, so a failing analysis
+  never costs the training): every chosen analysis runs once more on the final weights and writes
+  `analysis/<name>.{json,npz,png}`; the scalars go into one more record at the final step.
+- Post hoc (`python -m runner.analyze`, and a rerun of a finished run with analyses added): the same `analyze`
+  on an experiment rebuilt by `load_run`; analyses already done with the same settings at that checkpoint step are
+  skipped.
+An analysis that raises is reported (its error in the returned dict and in the log), never a training failure.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from runner.analysis import Context, Plan, is_done, run_analysis
+from runner.train import Cadence, Callback, Progress
+
+log = logging.getLogger(__name__)
+
+
+class AnalysisCallback(Callback):
+    """One analysis on the step clock during training (the end-of-training run is `analyze`'s)."""
+
+    def __init__(self, choice, plan: Plan, out_dir: Path | None, total_steps: int, cache: dict):
+        self.choice, self.plan, self.out_dir, self.total, self.cache = choice, plan, out_dir, total_steps, cache
+        caps = choice.entry.capabilities
+        self.snapshots = bool(caps.get("collects_trajectory"))
+        if self.snapshots:
+            self.cadence = Cadence(every_steps=choice.params.snapshot_every_steps,
+                                   every_epochs=choice.params.snapshot_every_epochs, at_end=True)
+        elif caps.get("periodic"):
+            self.cadence = Cadence(every_steps=plan.every_steps, every_epochs=plan.every_epochs, at_end=False)
+        else:
+            self.cadence = Cadence(at_end=False)  # end-of-training only: run by `analyze`
+
+    def __call__(self, experiment, progress: Progress) -> dict:
+        context = Context(experiment, progress, self.plan, self.out_dir, sets_cache=self.cache)
+        if self.snapshots:
+            from runner.analysis.methods import save_trajectory_point
+
+            save_trajectory_point(context)
+            return {}
+        if progress.step >= self.total and self.plan.at_end:
+            return {}  # the end-of-training run (after the final checkpoint) computes it
+        try:
+            return run_analysis(self.choice, context, write=False)
+        except Exception as e:  # a diagnostic never stops training
+            log.warning("analysis %s failed at step %d: %s", self.choice.name, progress.step, _one_line(e))
+            return {}
+
+
+def callbacks(experiment, out_dir: Path | None) -> list[Callback]:
+    """The training-time callbacks of the experiment's analysis plan (none without one)."""
+    plan = experiment.spec.analysis
+    if plan is None:
+        return []
+    total = experiment.spec.trainer.total_steps(len(experiment.task.train))
+    cache: dict = {}
+    return [AnalysisCallback(choice, plan, out_dir, total, cache) for choice in plan.choices]
+
+
+def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoint_name: str = "end of training",
+            skip_done: bool = False, show_progress: bool | None = None, logger=None) -> tuple[dict, dict]:
+    """Run every analysis of `plan` at the experiment's current point and write its files into `out_dir`.
+    Returns (metrics `<name>/<key>`, errors name -> one line). `skip_done`: leave analyses whose record with the
+    same settings at this step exists (their numbers are returned from the record)."""
+    from runner.rundir import read_json
+
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    context = Context(experiment, progress, plan, out_dir, show_progress=show)
+    context.checkpoint_name = checkpoint_name
+    metrics, errors = {}, {}
+    for choice in plan.choices:
+        if skip_done and is_done(out_dir, choice, plan, progress.step):
+            log.info("analysis %s: already done at step %d with these settings; skipped", choice.name, progress.step)
+            metrics.update((read_json(out_dir / f"{choice.name}.json") or {}).get("scalars", {}))
+            continue
+        try:
+            found = run_analysis(choice, context, write=True)
+        except Exception as e:
+            errors[choice.name] = _one_line(e)
+            log.error("analysis %s failed: %s", choice.name, errors[choice.name])
+            with open(out_dir.parent / "runner.log", "a") as f:
+                f.write("".join(traceback.format_exception(e)))
+            continue
+        metrics.update(found)
+        if logger is not None:
+            logger.log_analysis(choice.name, found, sorted(out_dir.glob(f"{choice.name}*.png")), progress.step)
+    return metrics, errors
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")
