@@ -129,6 +129,17 @@ def check_inputs(plan, runs: list[Path]) -> dict[Path, dict]:
             states[run] = read_checkpoint(path)
         except ValueError as e:
             raise ConfigError("analysis.checkpoint", message=f"{run}: {e}") from None
+    from runner.analysis.methods import TRAJECTORY_MIN
+
+    for choice in plan.choices:
+        if choice.entry.capabilities.get("collects_trajectory"):
+            for run in runs:
+                run_dir = run.parent.parent if run.is_file() else run
+                found = len(list((run_dir / "analysis" / "trajectory").glob("step=*.pt")))
+                if found < TRAJECTORY_MIN:
+                    raise ConfigError("analysis", message=(
+                        f"{run}: analysis={choice.name} needs at least {TRAJECTORY_MIN} parameter snapshots saved "
+                        f"along training (analysis/trajectory/), it has {found}: train the run with analysis=pca"))
     needs_other = [c for c in plan.choices if c.entry.capabilities.get("needs_other")]
     if needs_other:
         other = Path(plan.other)

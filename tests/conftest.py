@@ -79,6 +79,17 @@ def run_cli(tmp_path):
     return _run
 
 
+@pytest.fixture
+def one_thread():
+    """torch in this process on one thread for the test (as in the CLI subprocesses), restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TIMEOUT = 300  # seconds for one CLI call (a loaded 2-core machine is slow to import torch)
 
 

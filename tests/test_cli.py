@@ -141,13 +141,6 @@ CIFAR_ARGS = ("+experiment=sam_cifar", "trainer.epochs=1", "dataset.subset=64", 
               "dataset.eval_batch_size=64", "model.width=8", "logger=none")
 
 
-@pytest.fixture
-def one_thread():
-    """torch in this process on one thread for the test (as in the CLI subprocesses), restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_sam_cifar_in_process_on_fake_cifar10(compose, tmp_path, monkeypatch, one_thread):

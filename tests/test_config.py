@@ -199,13 +199,17 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("group, option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_every_group_option_composes_validates_and_builds(compose, tmp_path, monkeypatch, group, option):
     try:
-        cfg = compose([group_override(group, option)])
+        needs_other = ["analysis.other=runs/the-other-run"] if (group, option) == ("analysis", "interpolate") else []
+        cfg = compose([group_override(group, option), *needs_other])
     except MissingConfigException as e:
         if group in RUN_GROUPS or "hydra/" not in str(e):
             raise
         pytest.skip(f"{group}={option} needs a Hydra plugin that is not installed: {str(e).splitlines()[0]}")
     spec = validate(cfg)
     assert spec.resolved == OmegaConf.to_container(cfg, resolve=True)
+    if group == "analysis":  # several at once are a list; each one's settings under its own name
+        assert spec.analysis.names == [option] and option in cfg.analysis
+        return
     if group not in RUN_GROUPS:
         return  # e.g. launcher, sweep: only Hydra settings; the job's config must still validate
     node = cfg[group]

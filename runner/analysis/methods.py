@@ -319,8 +319,60 @@ def hessian(context: Context, **settings) -> Outcome:
         trace = curvature.hutchinson_trace(hvp, probe.params, samples=s.trace_samples, seed=s.seed)
         scalars.update(trace=trace["trace"], trace_stderr=trace["stderr"])
     arrays = {"top": np.asarray(top["top"], dtype=float)}
-    return Outcome(scalars=scalars, arrays=arrays, info={"lr": context.lr, "iterations": top["iterations"],
-                                                         "samples": len(data)})
+    figures = {}
+    curve = _curve_over_training(context, "hessian/lambda_max", scalars["lambda_max"])
+    if curve is not None:
+        arrays.update(curve)
+        figures["_over_training"] = lambda path: _plot_lambda_over_training(curve, path, context)
+    return Outcome(scalars=scalars, arrays=arrays, figures=figures,
+                   info={"lr": context.lr, "iterations": top["iterations"], "samples": len(data),
+                         "hvp": getattr(hvp, "method", s.method)})
+
+
+def _curve_over_training(context: Context, key: str, now: float) -> dict | None:
+    """The values of `key` logged during training (metrics.jsonl) up to this step, this one last, with the lr of
+    each record; None when fewer than two points (no curve to draw)."""
+    from runner.rundir import METRICS, read_jsonl
+
+    if context.out_dir is None:
+        return None
+    steps, values, lrs = [], [], []
+    for record in read_jsonl(context.out_dir.parent / METRICS):
+        if isinstance(record.get(key), (int, float)) and record.get("step", 0) < context.progress.step:
+            steps.append(record["step"])
+            values.append(record[key])
+            lrs.append(_lr_at(context, record))
+    steps.append(context.progress.step)
+    values.append(now)
+    lrs.append(context.lr)
+    if len(steps) < 2:
+        return None
+    return {"curve_steps": np.asarray(steps), "curve_lambda_max": np.asarray(values), "curve_lr": np.asarray(lrs)}
+
+
+def _lr_at(context: Context, record: dict) -> float:
+    """The learning rate of a record: its own `lr` when it has one, else the previous record's (the analysis
+    columns share the training record of their step)."""
+    from runner.rundir import METRICS, read_jsonl
+
+    if isinstance(record.get("lr"), (int, float)):
+        return float(record["lr"])
+    earlier = [r["lr"] for r in read_jsonl(context.out_dir.parent / METRICS)
+               if r.get("step", 0) <= record["step"] and isinstance(r.get("lr"), (int, float))]
+    return float(earlier[-1]) if earlier else float("nan")
+
+
+def _plot_lambda_over_training(curve: dict, path: Path, context: Context):
+    from runner.analysis import plots
+
+    lr = curve["curve_lr"]
+    with np.errstate(divide="ignore"):
+        threshold = np.where(lr > 0, 2.0 / np.where(lr > 0, lr, 1.0), np.nan)
+    spec = context.experiment.spec
+    title = (f"{spec.experiment} {spec.model.name}/{spec.optimizer.name} seed {spec.seed}: top Hessian eigenvalue "
+             "over training\n(edge of stability, Cohen et al. 2021: GD is stable while lambda_max < 2/lr)")
+    return plots.plot_curve(curve["curve_steps"], {"lambda_max": curve["curve_lambda_max"], "2/lr": threshold},
+                            path, title, ylabel="lambda_max of the training loss", log=True)
 
 
 @dataclass

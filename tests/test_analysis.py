@@ -1,0 +1,266 @@
+"""The analysis group as a user drives it: during training, at the end, post hoc, in the report; bad input.
+
+The numerical oracles of the instruments are in test_curvature.py, test_landscape.py and test_analysis_plots.py;
+here: they are wired right (when they run, what they write, that they never change a run), on digits and on
+real-format CIFAR-10 files.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import cli_env
+
+FAST = {  # small settings so each analysis takes well under a second on digits
+    "hessian": ["analysis.hessian.iterations=6", "analysis.hessian.top_k=2", "analysis.hessian.trace_samples=4",
+                "analysis.hessian.samples=256"],
+    "sharpness": ["analysis.sharpness.samples=256", "analysis.sharpness.ascent_steps=2"],
+    "landscape_1d": ["analysis.landscape_1d.x_points=5", "analysis.landscape_1d.samples=256"],
+    "landscape_2d": ["analysis.landscape_2d.x_points=5", "analysis.landscape_2d.y_points=3",
+                     "analysis.landscape_2d.samples=256"],
+    "pca": ["analysis.pca.points=4", "analysis.pca.samples=256"],
+    "interpolate": ["analysis.interpolate.alpha_points=5", "analysis.interpolate.samples=null"],
+}
+
+
+def fast(*names: str) -> list[str]:
+    return [f"analysis=[{','.join(names)}]"] + [o for n in names for o in FAST[n]]
+
+
+def analyze_cli(tmp_path: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner.analyze", *map(str, args)], cwd=tmp_path,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two finished digits runs (SGD and SAM, 3 epochs) to analyse post hoc."""
+    from tests.conftest import runner_process
+
+    root = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for name, optimizer in (("sgd", "sgd"), ("sam", "sam")):
+        out = runner_process(root, f"optimizer={optimizer}", "trainer.epochs=3", f"hydra.run.dir={root / name}")
+        assert out.returncode == 0, out.stderr
+        runs[name] = root / name
+    return runs
+
+
+# ------------------------------------------------------------------------------------------ the run itself
+
+def test_analyses_never_change_the_experiment(compose, tmp_path, one_thread):
+    """After every analysis (BN model): parameters, buffers, optimizer state, the data generator and torch's RNG
+    are bitwise as before."""
+    from runner.analysis import validate_plan
+    from runner.analysis.schedule import analyze
+    from runner.experiment import build
+    from runner.spec import validate
+    from runner.train import Progress
+
+    names = ["hessian", "sharpness", "landscape_1d", "landscape_2d"]
+    cfg = compose(["model=cnn", "logger=none", *fast(*names), "analysis.landscape_1d.bn=recalibrate"])
+    spec = validate(cfg)
+    experiment = build(spec, torch.device("cpu"))
+    model = experiment.model
+    for _ in range(3):  # non-trivial BN statistics and momentum buffers
+        batch = next(iter(experiment.task.train))
+        experiment.optimizer.zero_grad()
+        experiment.objective(model(batch.x), batch.y).backward()
+        experiment.optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    data_state = experiment.task.train.generator.get_state().clone()
+    rng = torch.get_rng_state().clone()
+    training = [m.training for m in model.modules()]
+
+    metrics, errors = analyze(experiment, Progress(step=3, epoch=0), spec.analysis, tmp_path / "analysis")
+    assert not errors and {k.split("/")[0] for k in metrics} == set(names)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert torch.equal(experiment.task.train.generator.get_state(), data_state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == training
+    assert read(tmp_path / "analysis" / "landscape_1d.json")["info"]["bn"] == "recalibrate"
+    assert validate_plan({}) is None
+
+
+def test_curvature_during_training_is_a_curve_and_changes_nothing(run_cli, tmp_path):
+    """analysis=[hessian,sharpness] every 2 epochs: the numbers join those records and a last record at the end;
+    the training itself (every train/test number, the run's folder identity) is the run without analyses."""
+    plain = run_cli("trainer.epochs=4", f"hydra.run.dir={tmp_path / 'plain'}")
+    assert plain.returncode == 0, plain.stderr
+    out = run_cli("trainer.epochs=4", f"hydra.run.dir={tmp_path / 'curv'}", *fast("hessian", "sharpness"),
+                  "analysis.every_epochs=2")
+    assert out.returncode == 0, out.stderr
+    assert "analysis: hessian, sharpness" in out.stderr
+    a, b = records(tmp_path / "plain"), records(tmp_path / "curv")
+    strip = lambda r: {k: v for k, v in r.items() if k.startswith(("train/", "test/", "lr", "step"))}  # noqa: E731
+    assert [strip(r) for r in a] == [strip(r) for r in b[:len(a)]]  # bitwise the same training
+    with_curvature = [r["epoch"] for r in b if "hessian/lambda_max" in r]
+    assert with_curvature == [2, 4]  # epoch 2 in the loop; epoch 4 after the final checkpoint (the end)
+    last = b[-1]
+    assert last["step"] == a[-1]["step"] and "sharpness/sam" in last and "train/loss" not in last
+    assert last["hessian/lambda_max"] >= last["hessian/lambda_2"] >= last["hessian/lambda_min"]
+    assert last["hessian/eos_ratio"] == pytest.approx(last["hessian/lambda_max"] * a[-1]["lr"] / 2)
+    summary = read(tmp_path / "curv" / "summary.json")
+    assert summary["signature"] == read(tmp_path / "plain" / "summary.json")["signature"]
+    assert summary["final"]["hessian/lambda_max"] == last["hessian/lambda_max"]
+    hessian = read(tmp_path / "curv" / "analysis" / "hessian.json")
+    assert hessian["settings"]["iterations"] == 6 and hessian["step"] == last["step"]
+    assert hessian["scalars"]["hessian/trace"] == last["hessian/trace"]
+
+
+def test_adding_an_analysis_to_a_finished_run_does_not_retrain_it(run_cli, tmp_path):
+    out = run_cli("trainer.epochs=2")
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    lines, checkpoint = (run / "metrics.jsonl").read_text(), (run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = run_cli("trainer.epochs=2", *fast("landscape_1d"), "analysis.landscape_1d.samples=null")
+    assert again.returncode == 0, again.stderr
+    assert "already completed" in again.stderr and "analysis: landscape_1d" in again.stderr
+    assert (run / "metrics.jsonl").read_text() == lines
+    assert (run / "checkpoints" / "last.pt").stat().st_mtime_ns == checkpoint
+    arrays = np.load(run / "analysis" / "landscape_1d.npz")
+    assert arrays["x"].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and arrays["train_loss"].shape == (5,)
+    assert (run / "analysis" / "landscape_1d.png").stat().st_size > 0
+    summary = read(run / "summary.json")
+    assert arrays["test_loss"][2] == pytest.approx(summary["final"]["test/loss"], rel=1e-5)  # all test samples
+
+
+def test_pca_of_the_trajectory_during_training(run_cli, tmp_path):
+    out = run_cli("trainer.epochs=4", *fast("pca"))
+    assert out.returncode == 0, out.stderr
+    analysis = tmp_path / "run" / "analysis"
+    assert len(list((analysis / "trajectory").glob("step=*.pt"))) == 4
+    arrays = np.load(analysis / "pca.npz")
+    assert arrays["trajectory"].shape == (4, 2) and np.allclose(arrays["trajectory"][-1], 0, atol=1e-5)
+    assert arrays["trajectory_steps"].tolist() == [23, 46, 69, 92]
+    assert arrays["train_loss"].shape == (4, 4) and 0.5 < arrays["explained_variance_ratio"].sum() <= 1 + 1e-6
+    assert (analysis / "pca_train_contour.png").exists()
+
+
+# -------------------------------------------------------------------------------------------------- post hoc
+
+def test_post_hoc_on_a_glob_skips_what_is_done_and_the_report_has_the_column(trained, tmp_path):
+    pattern = str(trained["sgd"].parent / "s*")
+    out = analyze_cli(tmp_path, pattern, *fast("hessian"))
+    assert out.returncode == 0, out.stderr
+    for run in trained.values():
+        assert "hessian/lambda_max" in read(run / "analysis" / "hessian.json")["scalars"]
+    again = analyze_cli(tmp_path, pattern, *fast("hessian"))
+    assert again.returncode == 0 and again.stderr.count("already done") == 2
+    changed = analyze_cli(tmp_path, trained["sgd"], *fast("hessian"), "analysis.hessian.seed=1")
+    assert changed.returncode == 0 and "already done" not in changed.stderr
+    report = subprocess.run([sys.executable, "-m", "runner.report", str(trained["sgd"].parent), "--metric",
+                             "hessian/lambda_max"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "final_hessian/lambda_max" in report.stdout
+
+
+def test_interpolation_endpoints_are_each_runs_own_loss(trained, tmp_path):
+    out = analyze_cli(tmp_path, trained["sgd"], *fast("interpolate"), f"analysis.other={trained['sam']}")
+    assert out.returncode == 0, out.stderr
+    arrays = np.load(trained["sgd"] / "analysis" / "interpolate.npz")
+    assert arrays["alpha"].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for end, run in ((0, "sgd"), (-1, "sam")):
+        final = read(trained[run] / "summary.json")["final"]
+        assert arrays["test_loss"][end] == pytest.approx(final["test/loss"], rel=1e-5)
+        assert arrays["test_acc"][end] == pytest.approx(final["test/acc"])
+    record = read(trained["sgd"] / "analysis" / "interpolate.json")
+    assert record["settings"]["other"] == str(trained["sam"].resolve()) and record["scalars"]["interpolate/distance"] > 0
+
+
+BAD = {
+    "no-checkpoint": (["{empty}", "analysis=hessian"], "no checkpoint"),
+    "glob-matches-nothing": (["{tmp}/nothing-*", "analysis=hessian"], "matches no run directory"),
+    "unknown-analysis": (["{sgd}", "analysis=curvature"], "unknown analysis"),
+    "no-analysis": (["{sgd}"], "choose an analysis"),
+    "bounds-reversed": (["{sgd}", "analysis=landscape_1d", "analysis.landscape_1d.x_min=2"], "x_min < x_max"),
+    "zero-points": (["{sgd}", "analysis=landscape_2d", "analysis.landscape_2d.y_points=0"], "y_points=0"),
+    "pca-without-snapshots": (["{sgd}", "analysis=pca"], "at least 3 parameter snapshots"),
+    "interpolate-without-other": (["{sgd}", "analysis=interpolate"], "analysis.other="),
+    "interpolate-other-model": (["{sgd}", "analysis=interpolate", "analysis.other={cnn}"], "another model"),
+    "run-config-override": (["{sgd}", "analysis=hessian", "trainer.epochs=3"], "only analysis"),
+    "best-without-save-best": (["{sgd}", "analysis=hessian", "analysis.checkpoint=best"], "save_best"),
+}
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    from tests.conftest import runner_process
+
+    root = tmp_path_factory.mktemp("cnn")
+    out = runner_process(root, "model=cnn", "trainer.epochs=1", f"hydra.run.dir={root / 'cnn'}")
+    assert out.returncode == 0, out.stderr
+    return root / "cnn"
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_exit_2_before_any_work(case, trained, cnn_run, tmp_path):
+    args, expected = BAD[case]
+    empty = tmp_path / "empty"
+    (empty / ".hydra").mkdir(parents=True)
+    (empty / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    before = {p: sorted((p / "analysis").rglob("*")) for p in trained.values()}
+    names = {"empty": empty, "tmp": tmp_path, "sgd": trained["sgd"], "cnn": cnn_run}
+    out = analyze_cli(tmp_path, *[a.format(**names) for a in args])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert {p: sorted((p / "analysis").rglob("*")) for p in trained.values()} == before
+    assert not (empty / "analysis").exists()
+
+
+def test_bad_analysis_settings_in_a_training_run_fail_before_any_work(run_cli, tmp_path):
+    out = run_cli("analysis=landscape_2d", "analysis.landscape_2d.x_max=-3")
+    assert out.returncode == 2 and "x_min < x_max" in out.stderr
+    assert not (tmp_path / "run").exists()
+    out = run_cli("analysis=interpolate")
+    assert out.returncode == 2 and "analysis.other" in out.stderr
+    out = run_cli("analysis=[hessian,nope]")
+    assert out.returncode == 2 and "unknown analysis 'nope'" in out.stderr
+
+
+# ------------------------------------------------------------------------------------ real-format CIFAR-10
+
+@pytest.mark.slow
+def test_landscape_and_hessian_on_real_format_cifar10(compose, tmp_path, monkeypatch, one_thread):
+    """ResNet-18 (BN) on CIFAR-10 files in torchvision's on-disk format: a 2-D landscape in both BN modes and
+    the Hessian, end to end through run()."""
+    import torchvision
+
+    from runner.run import run
+    try:
+        from tests.fake_data import patch_cifar_md5, write_fake_cifar10
+    except ImportError:  # pragma: no cover
+        from fake_data import patch_cifar_md5, write_fake_cifar10
+
+    fake = write_fake_cifar10(tmp_path / "data", n_train=48, n_test=16)
+    patch_cifar_md5(monkeypatch, torchvision.datasets.CIFAR10, fake.md5)
+    cfg = compose(["+experiment=sam_cifar", "trainer.epochs=1", "dataset.batch_size=16", "logger=none",
+                   f"dataset.root={tmp_path / 'data'}", "trainer.device=cpu", "model.width=8",
+                   *fast("landscape_2d", "hessian"), "analysis.landscape_2d.bn=recalibrate",
+                   "analysis.landscape_2d.batch_size=16"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and not summary.get("analysis_errors"), summary
+    grid = np.load(tmp_path / "run" / "analysis" / "landscape_2d.npz")
+    assert grid["train_loss"].shape == (3, 5) and np.all(np.isfinite(grid["train_loss"]))
+    record = read(tmp_path / "run" / "analysis" / "landscape_2d.json")
+    assert record["info"]["bn"] == "recalibrate" and "landscape_2d_train_contour.png" in record["figures"]
+    assert np.isfinite(summary["analysis"]["hessian/lambda_max"])
