@@ -165,6 +165,8 @@ def check_environment(spec: Spec) -> None:
         if check is not None:
             check(**choice.kwargs)
     resolve_device(spec.trainer.device)
+    if spec.analysis is not None and spec.analysis.other is not None:
+        check_other_run(spec.analysis.other, spec.resolved["model"], spec.analysis)
     if spec.trainer.resume:
         state = load_checkpoint(spec.trainer.resume, cached=True)
         saved = (state.get("config") or {}).get("model")
@@ -172,6 +174,26 @@ def check_environment(spec: Spec) -> None:
             raise ConfigError("trainer.resume", message=(
                 f"checkpoint trainer.resume={spec.trainer.resume} does not match this job's model: it holds "
                 f"{saved}, this job has {spec.resolved['model']}"))
+
+
+def check_other_run(other: str, model: dict, plan) -> None:
+    """`analysis.other` (interpolate's second run): a readable checkpoint of the same model, else ConfigError."""
+    which = next((c.params.other_checkpoint for c in plan.choices if hasattr(c.params, "other_checkpoint")), "last")
+    path = Path(other)
+    if path.is_dir():
+        record = RunDir(path, create=False)
+        path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, Path(which))
+    if not path.is_file():
+        raise ConfigError("analysis.other", message=f"analysis.other={other}: no checkpoint at {path}")
+    try:
+        state = _read_cached(str(path.resolve()), path.stat().st_mtime_ns)
+    except ValueError as e:
+        raise ConfigError("analysis.other", message=f"analysis.other={other}: {e}") from None
+    saved = (state.get("config") or {}).get("model")
+    if saved is not None and saved != model:
+        raise ConfigError("analysis.other", message=(
+            f"analysis.other={other} holds another model: {saved} vs {model}; interpolation needs the same "
+            "architecture"))
 
 
 def latest_checkpoint(record: RunDir) -> dict | None:

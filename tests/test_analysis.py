@@ -237,6 +237,34 @@ def test_bad_analysis_settings_in_a_training_run_fail_before_any_work(run_cli, t
     assert out.returncode == 2 and "unknown analysis 'nope'" in out.stderr
 
 
+def test_interpolate_during_training_checks_the_other_run_first(run_cli, cnn_run, tmp_path):
+    out = run_cli("analysis=interpolate", f"analysis.other={tmp_path / 'missing'}")
+    assert out.returncode == 2 and "analysis.other=" in out.stderr and "no checkpoint" in out.stderr
+    out = run_cli("analysis=interpolate", f"analysis.other={cnn_run}")
+    assert out.returncode == 2 and "another model" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_analysis_keeps_the_training_and_exits_1(run_cli, tmp_path):
+    """PCA with two snapshots cannot work: the run is completed and kept, the command says so and exits 1, and
+    the analysis can be redone post hoc once it can work."""
+    out = run_cli("trainer.epochs=2", *fast("pca", "landscape_1d"))
+    assert out.returncode == 1
+    assert "analysis failed: ValueError: analysis=pca needs at least 3" in out.stderr
+    summary = read(tmp_path / "run" / "summary.json")
+    assert summary["status"] == "completed" and "pca" in summary["analysis_errors"]
+    assert "landscape_1d/train_loss_center" in summary["analysis"]  # the others are done
+    assert not (tmp_path / "run" / "analysis" / "pca.json").exists()
+    assert "Traceback" in (tmp_path / "run" / "runner.log").read_text()
+
+
+def test_figures_go_to_wandb_as_images(run_cli, tmp_path):
+    out = run_cli("trainer.epochs=1", "logger=wandb", *fast("landscape_1d"))
+    assert out.returncode == 0, out.stderr
+    images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/landscape_1d/*.png"))
+    assert len(images) == 1
+
+
 # ------------------------------------------------------------------------------------ real-format CIFAR-10
 
 @pytest.mark.slow
