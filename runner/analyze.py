@@ -93,6 +93,9 @@ def expand(targets: list[str]) -> list[Path]:
             path = Path(target)
             if not path.exists():
                 raise ConfigError("targets", message=f"{target}: no such run directory or checkpoint")
+            if path.is_file() and not is_run_dir(path.parent.parent):
+                raise ConfigError("targets", message=f"{target} is not in a run directory's checkpoints/ (the "
+                                                     "analysis is written into the run directory): give that")
             runs.append(path)
     unique, seen = [], set()
     for run in runs:
@@ -165,13 +168,25 @@ def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int
     from runner.experiment import load_run
     from runner.rundir import ANALYSIS
 
+    from runner.rundir import RunDir
+    from runner.sweep import RunLock
+
     failures = 0
     for run in runs:
         run_dir = run.parent.parent if run.is_file() else run
-        experiment, progress = load_run(run, plan.checkpoint, device=device)
-        checkpoint = str(checkpoint_of(run, plan.checkpoint))
-        metrics, errors = analyze(experiment, progress, plan, run_dir / ANALYSIS, checkpoint_name=checkpoint,
-                                  skip_done=not force)
+        lock = RunLock(run_dir)  # not beside a process that trains (or analyses) this run
+        if not lock.acquire():
+            failures += 1
+            print(f"{run_dir}: busy (another process trains or analyses it); skipped", file=sys.stderr)
+            continue
+        try:
+            RunDir(run_dir, create=False).remove_stale_temporaries()  # of a killed analysis
+            experiment, progress = load_run(run, plan.checkpoint, device=device)
+            checkpoint = str(checkpoint_of(run, plan.checkpoint))
+            metrics, errors = analyze(experiment, progress, plan, run_dir / ANALYSIS, checkpoint_name=checkpoint,
+                                      skip_done=not force)
+        finally:
+            lock.release()
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{run_dir}: step {progress.step}: {shown or 'done'} -> {run_dir / ANALYSIS}", file=sys.stderr)
         for name, error in errors.items():
@@ -195,13 +210,18 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)
     except ConfigError as e:
         fail(str(e))
-    failures = analyze_runs(plan, runs, args.device, args.force)
+    from runner.run import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM like Ctrl-C: one line, exit 143; finished analyses stay, none half-written
+        failures = analyze_runs(plan, runs, args.device, args.force)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sigterm = str(e) == "SIGTERM"
+        print(f"interrupted ({'SIGTERM' if sigterm else 'Ctrl-C'}): analyses finished before it are kept; the same "
+              "command does the rest", file=sys.stderr)
+        sys.exit(143 if sigterm else 130)

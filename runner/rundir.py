@@ -100,7 +100,8 @@ class RunDir:
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete the temporary files of atomic writes a killed process left behind (`.last.pt.tmp<pid>`, ...);
         call it holding the run's lock, when no other process writes here."""
-        stale = [p for folder in (self.path, self.path / CHECKPOINTS) if folder.is_dir()
+        folders = (self.path, self.path / CHECKPOINTS, self.path / ANALYSIS, self.path / ANALYSIS / "trajectory")
+        stale = [p for folder in folders if folder.is_dir()
                  for p in folder.glob(".*.tmp*") if p.is_file()]
         for p in stale:
             p.unlink(missing_ok=True)

@@ -212,17 +212,26 @@ def cnn_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_and_exit_2_before_any_work(case, trained, cnn_run, tmp_path):
+def test_bad_input_is_one_line_and_exit_2_before_any_work(case, trained, cnn_run, tmp_path, capsys, one_thread):
+    """In process (`runner.analyze.main`, what `python -m runner.analyze` runs), for speed; the subprocess path is
+    the same function (test_post_hoc_on_a_glob... runs it)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.analyze import main
+
+    GlobalHydra.instance().clear()
     args, expected = BAD[case]
     empty = tmp_path / "empty"
     (empty / ".hydra").mkdir(parents=True)
     (empty / ".hydra" / "config.yaml").write_text("seed: 0\n")
     before = {p: sorted((p / "analysis").rglob("*")) for p in trained.values()}
     names = {"empty": empty, "tmp": tmp_path, "sgd": trained["sgd"], "cnn": cnn_run}
-    out = analyze_cli(tmp_path, *[a.format(**names) for a in args])
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(**names) for a in args])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert {p: sorted((p / "analysis").rglob("*")) for p in trained.values()} == before
     assert not (empty / "analysis").exists()
 
