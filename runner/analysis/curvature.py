@@ -4,8 +4,9 @@ What is computed, at a point w (a list of tensors in `paramspace.named_trainable
 L(w) = (1/N) sum_i loss(f(x_i; w), y_i) over an evaluation set of N samples:
 - `hvp_function`: v -> H v, H = the Hessian of L. Forward-over-reverse (`torch.func.jvp` of `torch.func.grad`,
   one forward+backward pass with dual numbers per batch) or double backward (Pearlmutter 1994: the gradient of
-  g(w)·v, two passes per batch). The default "auto" tries forward-over-reverse and, if an op lacks forward-mode
-  AD (or a custom autograd.Function does not support torch.func), falls back to double backward for good.
+  g(w)·v, two passes per batch). The default "auto" runs both on the first product and keeps the faster (which one
+  wins depends on the model, the device, even the allocator); if an op lacks forward-mode AD (or a custom
+  autograd.Function does not support torch.func), it uses double backward.
 - `lanczos` / `top_eigenvalues`: Ritz values of H by the Lanczos iteration with full reorthogonalization (Lanczos
   1950; Golub & Van Loan, Matrix Computations, sec. 10.1; used on neural-network Hessians by Ghorbani et al. 2019
   and PyHessian, Yao et al. 2020). Extremal eigenvalues of both signs: lambda_min is found as well as lambda_max (unlike power iteration,
@@ -31,6 +32,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable
 
@@ -80,7 +82,8 @@ def hvp_function(probe, params: Vector, data: EvalSet, objective=None, method: s
     """v -> H v with H the Hessian of the mean loss over all of `data` at `params` (weight decay excluded).
 
     method: "forward_over_reverse" (jvp of grad), "double_backward" (grad of g·v with create_graph), or "auto"
-    (forward-over-reverse; on its first call, if that raises, double backward from then on, with a warning).
+    (on the first call both, timed, and the faster from then on; if forward-over-reverse raises, double backward
+    from then on, with a warning).
     The returned function has an attribute `method`: the one in use. v and H v are lists shaped like `params`.
     """
     if method not in METHODS:
@@ -112,21 +115,34 @@ def hvp_function(probe, params: Vector, data: EvalSet, objective=None, method: s
 
     chosen = {"forward_over_reverse": forward_over_reverse, "double_backward": double_backward}
 
+    def timed(method: Callable[[Vector], Vector], v: Vector) -> tuple[Vector, float]:
+        if v and v[0].is_cuda:
+            torch.cuda.synchronize(v[0].device)
+        start = time.perf_counter()
+        out = method(v)
+        if v and v[0].is_cuda:
+            torch.cuda.synchronize(v[0].device)
+        return out, time.perf_counter() - start
+
     def hvp(v: Vector) -> Vector:
         v = [t.to(p.dtype) for t, p in zip(v, params)]
         if hvp.method != "auto":
             return chosen[hvp.method](v)
+        # "auto", first product: both methods, timed; the faster is kept (which one wins depends on the model,
+        # the device and even the allocator: scripts/bench_analysis.py). A missing forward-mode rule: double backward.
         try:
-            out = forward_over_reverse(v)
-            hvp.method = "forward_over_reverse"
+            out, forward_s = timed(forward_over_reverse, v)
         except torch.cuda.OutOfMemoryError:
             raise  # not a missing forward-mode rule: double backward would not help
         except (RuntimeError, NotImplementedError) as error:
             warnings.warn(f"forward-over-reverse HVP failed ({str(error).splitlines()[0]}); "
                           "using double backward instead")
             hvp.method = "double_backward"
-            out = double_backward(v)
-        return out
+            return double_backward(v)
+        out_backward, backward_s = timed(double_backward, v)
+        hvp.method = "forward_over_reverse" if forward_s <= backward_s else "double_backward"
+        hvp.timings = {"forward_over_reverse_s": forward_s, "double_backward_s": backward_s}
+        return out if hvp.method == "forward_over_reverse" else out_backward
 
     hvp.method = method
     return hvp

@@ -93,8 +93,11 @@ class Probe:
     def logits(self, params: list[torch.Tensor], x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor:
         """The model's output at `params` (eval mode), differentiable in `params`."""
         with modes(self.model, training=False):
-            return functional_call(self.model, ({**dict(zip(self.names, params)), **(buffers or self.buffers)}),
-                                   (x,), strict=False)
+            return self._call(params, x, buffers)
+
+    def _call(self, params: list[torch.Tensor], x: torch.Tensor, buffers: dict | None) -> torch.Tensor:
+        return functional_call(self.model, ({**dict(zip(self.names, params)), **(buffers or self.buffers)}), (x,),
+                               strict=False)
 
     def loss(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, objective=None,
              buffers: dict | None = None) -> torch.Tensor:
@@ -110,11 +113,12 @@ class Probe:
         """(summed plain cross-entropy, number correct) over `data` at `params`: device tensors, no host sync."""
         loss = torch.zeros((), device=data.y.device)
         correct = torch.zeros((), device=data.y.device, dtype=torch.long)
-        for x, y in data.batches():
-            with self.autocast:
-                logits = self.logits(params, x, buffers)
-            loss += measured_loss(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
+        with modes(self.model, training=False):  # once per pass, not per batch (a walk over every module)
+            for x, y in data.batches():
+                with self.autocast:
+                    logits = self._call(params, x, buffers)
+                loss += measured_loss(logits.float(), y, reduction="sum")
+                correct += (logits.argmax(1) == y).sum()
         return loss, correct
 
     def evaluate(self, params: list[torch.Tensor], data: EvalSet, buffers: dict | None = None) -> dict[str, float]:
