@@ -164,9 +164,9 @@ def check_inputs(plan, runs: list[Path]) -> dict[Path, dict]:
 
 
 def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int:
-    from runner.analysis.schedule import analyze
     from runner.experiment import load_run
     from runner.rundir import ANALYSIS
+    from runner.run import analyze_with_dashboard
 
     from runner.rundir import RunDir
     from runner.sweep import RunLock
@@ -183,8 +183,9 @@ def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int
             RunDir(run_dir, create=False).remove_stale_temporaries()  # of a killed analysis
             experiment, progress = load_run(run, plan.checkpoint, device=device)
             checkpoint = str(checkpoint_of(run, plan.checkpoint))
-            metrics, errors = analyze(experiment, progress, plan, run_dir / ANALYSIS, checkpoint_name=checkpoint,
-                                      skip_done=not force)
+            done = analyze_with_dashboard(experiment, progress, plan, RunDir(run_dir, create=False), checkpoint,
+                                          skip_done=not force)
+            metrics, errors = done["analysis"], done["analysis_errors"]
         finally:
             lock.release()
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))

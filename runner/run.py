@@ -127,8 +127,27 @@ def _analyze_finished(spec, device, record: RunDir) -> dict:
     from runner.experiment import load_run
 
     experiment, progress = load_run(record.path, "last", device=device)
-    metrics, errors = analyze(experiment, progress, spec.analysis, record.path / ANALYSIS,
-                              checkpoint_name="checkpoints/last.pt", skip_done=True)
+    return analyze_with_dashboard(experiment, progress, spec.analysis, record, "checkpoints/last.pt", skip_done=True)
+
+
+def analyze_with_dashboard(experiment, progress, plan, record: RunDir, checkpoint_name: str, skip_done: bool) -> dict:
+    """Post hoc: the analyses of `plan` on a rebuilt experiment, their figures and numbers also sent to the run's
+    dashboard run (the same id as in training); returns {"analysis": metrics, "analysis_errors": errors}."""
+    from runner.analysis.schedule import analyze
+
+    from runner.logging import Logger
+
+    try:
+        logger = dashboard(experiment.spec, record)
+    except Exception as e:  # e.g. an online dashboard without network here: the files are what counts
+        log.warning("dashboard not reachable (%s); the analysis files are written all the same",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        logger = Logger()
+    try:
+        metrics, errors = analyze(experiment, progress, plan, record.path / ANALYSIS, checkpoint_name=checkpoint_name,
+                                  skip_done=skip_done, logger=logger, post_hoc=True)
+    finally:
+        logger.close()
     return {"analysis": metrics, "analysis_errors": errors}
 
 
@@ -197,12 +216,19 @@ class RunSink:
         self.rundir.save_best_checkpoint(self.experiment.state_dict(self.progress))
 
 
+def dashboard(spec, record: RunDir):
+    """The run's dashboard logger; its run id is derived from the run directory, so a resumed run, and a post-hoc
+    analysis of it, continue the same dashboard run."""
+    sig = signature(spec.resolved)
+    run_id = f"{sig}-s{spec.seed}-{hashlib.sha1(str(record.path.resolve()).encode()).hexdigest()[:8]}"
+    return spec.logger.build(run_dir=record.path, config=spec.resolved,
+                             name=_overrides(record.path) or spec.experiment, group=f"{spec.experiment}-{sig}",
+                             job_type=spec.experiment, run_id=run_id)
+
+
 def _train_and_record(experiment: Experiment, progress: Progress, resume: dict | None, record: RunDir) -> dict:
     spec, device, sig = experiment.spec, experiment.device, experiment.signature
-    run_id = f"{sig}-s{spec.seed}-{hashlib.sha1(str(record.path.resolve()).encode()).hexdigest()[:8]}"
-    logger = spec.logger.build(run_dir=record.path, config=spec.resolved,
-                               name=_overrides(record.path) or spec.experiment, group=f"{spec.experiment}-{sig}",
-                               job_type=spec.experiment, run_id=run_id)
+    logger = dashboard(spec, record)
     if resume is not None:  # the dashboard gets the whole history: the records before the checkpoint again
         for metrics in record.read_metrics():
             logger.log(metrics, step=metrics["step"])

@@ -267,11 +267,17 @@ def test_a_failing_analysis_keeps_the_training_and_exits_1(run_cli, tmp_path):
     assert "Traceback" in (tmp_path / "run" / "runner.log").read_text()
 
 
-def test_figures_go_to_wandb_as_images(run_cli, tmp_path):
+def test_figures_go_to_wandb_as_images_also_post_hoc(run_cli, tmp_path):
     out = run_cli("trainer.epochs=1", "logger=wandb", *fast("landscape_1d"))
     assert out.returncode == 0, out.stderr
     images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/landscape_1d/*.png"))
     assert len(images) == 1
+    out = analyze_cli(tmp_path, tmp_path / "run", *fast("landscape_2d"))
+    assert out.returncode == 0, out.stderr
+    images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/landscape_2d/*.png"))
+    assert len(images) == 3  # train and test contours, surface
+    runs = {p.name.split("-", 3)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1  # the post-hoc analysis continues the training's dashboard run (same id)
 
 
 # ------------------------------------------------------------------------------------ real-format CIFAR-10

@@ -66,7 +66,8 @@ def callbacks(experiment, out_dir: Path | None) -> list[Callback]:
 
 
 def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoint_name: str = "end of training",
-            skip_done: bool = False, show_progress: bool | None = None, logger=None) -> tuple[dict, dict]:
+            skip_done: bool = False, show_progress: bool | None = None, logger=None,
+            post_hoc: bool = False) -> tuple[dict, dict]:
     """Run every analysis of `plan` at the experiment's current point and write its files into `out_dir`.
     Returns (metrics `<name>/<key>`, errors name -> one line). `skip_done`: leave analyses whose record with the
     same settings at this step exists (their numbers are returned from the record)."""
@@ -91,7 +92,8 @@ def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoin
             continue
         metrics.update(found)
         if logger is not None:
-            logger.log_analysis(choice.name, found, sorted(out_dir.glob(f"{choice.name}*.png")), progress.step)
+            logger.log_analysis(choice.name, found, sorted(out_dir.glob(f"{choice.name}*.png")),
+                                None if post_hoc else progress.step)
     return metrics, errors
 
 

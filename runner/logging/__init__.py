@@ -21,9 +21,12 @@ class Logger:
         """Send one record (already in metrics.jsonl). On resume the run's earlier records are sent again first,
         in order, so a dashboard run (same id) ends up with the whole history."""
 
-    def log_analysis(self, name: str, metrics: dict, figures: list, step: int) -> None:
+    def log_analysis(self, name: str, metrics: dict, figures: list, step: int | None) -> None:
         """An analysis's figures (PNG paths) as images and its numbers as summary values (already in
-        analysis/<name>.json and metrics.jsonl)."""
+        analysis/<name>.json and metrics.jsonl). `step` None: post hoc, after the run's last step."""
+
+    def close(self) -> None:
+        """Post hoc: close the dashboard run without changing its summary status (training's `finish` did)."""
 
     def finish(self, summary: dict) -> None:
         """Close the dashboard run with the summary (already in summary.json)."""

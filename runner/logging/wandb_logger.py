@@ -41,12 +41,16 @@ class WandbLogger(Logger):
     def log(self, metrics: dict, step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def log_analysis(self, name: str, metrics: dict, figures: list, step: int) -> None:
+    def log_analysis(self, name: str, metrics: dict, figures: list, step: int | None) -> None:
         for key, value in metrics.items():
             self.run.summary[key] = value
-        if figures:  # at the final step (the record of that step is already there: same row)
-            self.run.log({f"{name}/{p.stem.removeprefix(name).strip('_') or 'figure'}": self.wandb.Image(str(p))
-                          for p in figures}, step=step)
+        if figures:  # at the final step (the record of that step is already there: same row); post hoc: next row
+            images = {f"{name}/{p.stem.removeprefix(name).strip('_') or 'figure'}": self.wandb.Image(str(p))
+                      for p in figures}
+            self.run.log(images) if step is None else self.run.log(images, step=step)
+
+    def close(self) -> None:
+        self.run.finish(exit_code=0)
 
     def finish(self, summary: dict) -> None:
         for key in ("status", "final", "best", "passes", "wall_s", "steps"):
