@@ -114,6 +114,8 @@ def build(spec: Spec, device: torch.device) -> Experiment:
         model = model.to(memory_format=torch.channels_last)
     objective = spec.loss.build(num_classes=task.num_classes)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
+    if hasattr(optimizer, "set_parameter_names"):  # methods whose convention depends on names (ASAM's "weight")
+        optimizer.set_parameter_names({id(p): name for name, p in model.named_parameters()})
     steps_per_epoch = len(task.train)
     scheduler = build_scheduler(spec.scheduler, optimizer, trainer.total_steps(steps_per_epoch), steps_per_epoch)
     return Experiment(spec, device, task, model, objective, optimizer, scheduler, caps)

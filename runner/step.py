@@ -5,6 +5,8 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
                                batch-mean objective (a tensor). Call it as often as the method needs.
     closure(select=idx)        the same over a subset of the batch (a bool mask or indices into it): the forward
                                and backward run on those samples only (e.g. ESAM's sharpness-sensitive selection).
+    closure(extra=f)           adds f(logits, y, indices) to the objective before backward (SAF, MESA).
+    closure(create_graph=True) keeps the gradients' graph (exact gradient-norm penalty by double backprop).
     closure.split(m)           sub-closures over consecutive chunks of m samples (m-sharpness): each computes its
                                chunk's own gradient; averaging their gradients gives the batch gradient.
     closure.indices            the batch's sample indices into the training split (when the optimizer declares
@@ -17,7 +19,8 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
 Conventions the loop guarantees:
 - BN running statistics are updated by the first pass of a step only; later passes (at w + e(w), or on a
   subset) normalize with their own batch statistics but leave `running_mean/var` alone (davda54/sam);
-- train metrics (`train/loss`, `train/acc`) come from the first full-batch pass, at the weights w;
+- train metrics (`train/loss`, `train/acc`) come from the first full-batch pass, at the weights w (with
+  m-sharpness: from each chunk's first pass, at w);
 - gradient clipping (`trainer.grad_clip`) applies to the gradient of every pass, before the optimizer sees it;
 - autocast (bf16) covers every pass; the objective is computed in float32.
 """
@@ -40,14 +43,20 @@ class StepClosure:
         self._root = _parent._root if _parent is not None else self
         self._batch_size = len(y) if _parent is None else _parent._batch_size
         self.samples = 0  # forward+backward samples of this closure's calls (and its chunks')
+        self._calls = 0   # calls of this closure itself (not of its chunks)
         self.per_sample_loss: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
 
-    def __call__(self, select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, select: Optional[torch.Tensor] = None, extra: Optional[Callable] = None,
+                 create_graph: bool = False) -> torch.Tensor:
+        """One forward+backward. `extra(logits, y, indices) -> tensor` is added to the objective before backward
+        (e.g. SAF's trajectory loss); `create_graph=True` keeps the graph of the gradients (double backprop)."""
         x, y = (self.x, self.y) if select is None else (self.x[select], self.y[select])
         first = self._root.samples == 0
+        # train metrics at w: the first full pass of the step, or (m-sharpness) each chunk's first pass
+        report = select is None and self.samples == 0 and (first if self._root is self else self._root._calls == 0)
         self.zero_grad()
-        with (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
+        with torch.enable_grad(), (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
             logits = self.model(x)
             if self.per_sample:
                 losses = self.objective(logits, y, reduction="none")
@@ -55,15 +64,20 @@ class StepClosure:
                 self.per_sample_loss = losses.detach()
             else:
                 loss = self.objective(logits, y)
-        loss.backward()
+            if extra is not None:
+                indices = self.indices if select is None or self.indices is None else self.indices[select]
+                loss = loss + extra(logits, y, indices)
+        loss.backward(create_graph=create_graph)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.logits = logits.detach()
-        if first and select is None and self._root is self and self.on_first_pass is not None:
-            self.on_first_pass(self.logits, y)  # train metrics at w
+        if report and self.on_first_pass is not None:
+            self.on_first_pass(self.logits, y)
         self.samples += len(y)
         if self._root is not self:
             self._root.samples += len(y)
+        else:
+            self._calls += 1
         return loss
 
     @property
@@ -83,5 +97,5 @@ class StepClosure:
                 self.model, self.objective, self.x[part], self.y[part], autocast=self.autocast,
                 frozen_bn=self.frozen_bn, params=self.params, zero_grad=self.zero_grad, grad_clip=self.grad_clip,
                 indices=None if self.indices is None else self.indices[part], per_sample=self.per_sample,
-                _parent=self))
+                on_first_pass=self.on_first_pass, _parent=self))
         return chunks

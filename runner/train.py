@@ -72,6 +72,9 @@ class TrainerConfig:
         check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                           and self.device[5:].isdigit()), "device",
               self.device, "auto, cpu, cuda, cuda:N with N >= 0")
+        check(self.precision != "fp16", "precision", self.precision,
+              "auto, fp32, bf16: fp16 needs a GradScaler, and a scaler cannot unscale the gradients of the several "
+              "passes of SAM-style methods (davda54/sam #55, #97); bf16 needs none")
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32, bf16")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 

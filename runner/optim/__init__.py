@@ -39,7 +39,9 @@ class Capabilities:
 
 
 def capabilities(choice: Choice) -> Capabilities:
-    return Capabilities(**choice.entry.capabilities)
+    """The entry's declared capabilities; a callable value is computed from the validated parameters (e.g.
+    LookSAM's `passes_per_step=lambda p: 1 + 1 / p.k`)."""
+    return Capabilities(**{k: v(choice.params) if callable(v) else v for k, v in choice.entry.capabilities.items()})
 
 
 @dataclass
@@ -65,4 +67,13 @@ def build_optimizer(choice: Choice, params) -> torch.optim.Optimizer:
     return choice.build(params)
 
 
-from runner.optim import adamw, sam, sgd  # noqa: E402,F401  (import registers the optimizers)
+def _register_all() -> None:
+    """Import every module of this package: each registers its optimizers (one file per method, no list to edit)."""
+    import importlib
+    import pkgutil
+
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_register_all()
