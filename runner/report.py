@@ -10,8 +10,9 @@ diverged, failed and unfinished runs are counted, which makes the report useful 
 Each (signature, seed) counts once: copies of a run (a run folder copied, a sweep given twice) are left out,
 with a line on stderr, so they never pass for more seeds.
 
-The table goes to stdout (markdown, or CSV with `--format csv`); `report.csv`, `report.md`, `curves.png`
-and `bars.png` go to `--out` (default `<first dir>/report/`). Bad input, and an `--out` that cannot be written,
+The table goes to stdout (markdown, or CSV with `--format csv`); `report.csv`, `report.md`, `curves.png`,
+`bars.png` and `cost.png` (the final metric against passes and wall time, one point per run: a compute-fair
+comparison) go to `--out` (default `<first dir>/report/`). Bad input, and an `--out` that cannot be written,
 is one line on stderr and exit 2 (the writability is checked before the table is printed).
 """
 from __future__ import annotations
@@ -535,6 +536,40 @@ def plot_bars(groups: Sequence[Group], rows: Sequence[dict], metric: str, path: 
     plt.close(fig)
 
 
+def plot_cost(groups: Sequence[Group], metric: str, path: Path) -> None:
+    """Final `metric` against what each run cost, forward+backward passes and wall time: one point per completed
+    run, one colour per group. A compute-fair comparison: SAM at 2 passes a step against SGD with twice the
+    epochs sit at the same x."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    colors = plt.get_cmap("tab10")
+    markers = "osD^v<>Pp*"
+    drawn = False
+    for i, group in enumerate(groups):
+        points = [(r.summary.get("passes"), r.summary.get("wall_s"), r.final_value(metric)) for r in group.completed]
+        points = [p for p in points if all(_is_number(v) for v in p)]
+        if not points:
+            continue
+        passes, wall, value = (np.asarray(v, dtype=float) for v in zip(*points))
+        style = dict(color=colors(i % 10), marker=markers[(i // 10) % len(markers)], alpha=0.8)
+        axes[0].scatter(passes, value, label=f"{group.label} (n={len(points)})", **style)
+        axes[1].scatter(wall, value, **style)
+        drawn = True
+    axes[0].set(xlabel="forward+backward passes (batches)", ylabel=f"final {metric}")
+    axes[1].set(xlabel="wall time (s)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if drawn:
+        axes[0].legend(fontsize="small")
+    else:
+        axes[0].text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center",
+                     transform=axes[0].transAxes)
+    fig.suptitle(f"final {metric} against cost: one point per run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 def _markdown_report(rows: Sequence[dict], columns: Sequence[str], metric: str, figures: bool) -> str:
@@ -546,7 +581,8 @@ def _markdown_report(rows: Sequence[dict], columns: Sequence[str], metric: str, 
         to_markdown(rows, columns),
     ]
     if figures:
-        parts.append("![learning curves](curves.png)\n\n![final metric](bars.png)\n")
+        parts.append("![learning curves](curves.png)\n\n![final metric](bars.png)\n\n"
+                     "![final metric against passes and wall time](cost.png)\n")
     return "\n".join(parts)
 
 
@@ -560,7 +596,8 @@ def write_report(out: Path, groups: Sequence[Group], rows: Sequence[dict], colum
     if figures:
         plot_curves(groups, metric, out / "curves.png")
         plot_bars(groups, rows, metric, out / "bars.png")
-        written += [out / "curves.png", out / "bars.png"]
+        plot_cost(groups, metric, out / "cost.png")
+        written += [out / "curves.png", out / "bars.png", out / "cost.png"]
     return written
 
 
@@ -588,7 +625,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--columns", nargs="+", help="columns to show (names from the table; final/best/loss)")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="stdout format")
     parser.add_argument("--out", type=Path, help="output folder (default: <first dir>/report/)")
-    parser.add_argument("--no-figures", action="store_true", help="skip curves.png and bars.png")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     return parser.parse_args(argv)
 
 

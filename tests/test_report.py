@@ -370,9 +370,10 @@ def test_cli_csv_parses_and_figures_are_written(sweep, tmp_path, capsys):
         assert (int(row["completed"]), int(row["failed"]), int(row["diverged"]), int(row["other"])) == (3, 0, 0, 0)
     assert (out / "report.csv").read_text() == stdout
     assert "final_test/acc" in (out / "report.md").read_text()
-    for name in ("curves.png", "bars.png"):
+    for name in ("curves.png", "bars.png", "cost.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert (out / name).stat().st_size > 5000, name  # axes, curves and labels, not an empty canvas
+    assert "cost.png" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
