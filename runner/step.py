@@ -15,6 +15,8 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
                                the optimizer declares `per_sample_loss`), else None.
     closure.logits             after a call: that pass's logits, detached.
     closure.passes             forward+backward passes so far, in batches (a pass over m of B samples is m/B).
+    closure.forward(select=, x=)  a forward without backward (BN statistics untouched): the logits, detached;
+                               counted apart in `closure.forward_passes` (summary.json: forward_only_passes).
 
 Conventions the loop guarantees:
 - BN running statistics are updated by the first pass of a step only; later passes (at w + e(w), or on a
@@ -44,6 +46,7 @@ class StepClosure:
         self._batch_size = len(y) if _parent is None else _parent._batch_size
         self.samples = 0  # forward+backward samples of this closure's calls (and its chunks')
         self._calls = 0   # calls of this closure itself (not of its chunks)
+        self.forward_samples = 0  # samples of forward-only passes (`forward`), counted at the root
         self.per_sample_loss: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
 
@@ -79,6 +82,24 @@ class StepClosure:
         else:
             self._calls += 1
         return loss
+
+    @torch.no_grad()
+    def forward(self, select: Optional[torch.Tensor] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A forward pass without backward at the current weights (BN running statistics left alone, autocast as
+        the training passes): the logits, detached. Counted apart (`forward_passes`), e.g. ESAM's ranking forward,
+        TRAM's reference logits, MESA's teacher. `x` replaces the batch's inputs (e.g. noised ones)."""
+        if x is None:
+            x = self.x if select is None else self.x[select]
+        with self.frozen_bn, self.autocast:
+            logits = self.model(x)
+        self._root.forward_samples += len(x)
+        return logits
+
+    @property
+    def forward_passes(self) -> int | float:
+        """Forward-only passes so far, in batches (a forward costs about a third of a forward+backward)."""
+        whole, rest = divmod(self.forward_samples, self._batch_size)
+        return whole if rest == 0 else self.forward_samples / self._batch_size
 
     @property
     def passes(self) -> int | float:

@@ -88,6 +88,7 @@ class Progress:
     epoch: int = 0      # completed epochs
     step: int = 0
     passes: float = 0   # forward+backward passes over a batch
+    forward_passes: float = 0  # forward-only passes over a batch (ESAM's ranking, TRAM's reference, MESA's teacher)
     wall_s: float = 0.0
     final: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
@@ -208,6 +209,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
             scheduler.step()
             progress.step += 1
             progress.passes += closure.passes
+            progress.forward_passes += closure.forward_passes
             seen += len(batch.y)
             epoch_end, final = i == steps_per_epoch - 1, progress.step >= total
             if epoch_end:

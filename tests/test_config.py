@@ -112,29 +112,37 @@ def check_model(node, channels: int, size: int, num_classes: int) -> None:
     assert out.shape == (2, num_classes) and torch.isfinite(out).all()
 
 
-def check_optimizer(node) -> None:
-    """Build on a tiny model and take one step: the closure is called `passes_per_step` times, weights move."""
+def check_optimizer(node, steps: int = 60) -> None:
+    """Build on a tiny model and step it with the loop's closure (runner/step.py: subsets, per-sample losses,
+    sample indices as the entry declares): the passes a step costs on average are the declared `passes_per_step`
+    (exact for deterministic methods, within 5% for data-dependent ones), and the weights move."""
+    from runner.optim.bn import FrozenBNStats
+    from runner.step import StepClosure
+
     model = tiny_model()
     choice = OPTIMIZERS.validate(node)
+    caps = capabilities(choice)
     optimizer = build_optimizer(choice, model.parameters())
     assert optimizer.param_groups[0]["lr"] == pytest.approx(node.lr)
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
     before = [p.detach().clone() for p in model.parameters()]
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    assert calls == capabilities(choice).passes_per_step >= 1  # the declaration is what a step costs
+    params = list(model.parameters())
+    passes = 0.0
+    for step in range(steps):
+        batch = torch.arange(16 * (step % 4), 16 * (step % 4 + 1))
+        closure = StepClosure(model, torch.nn.functional.cross_entropy, x[batch], y[batch],
+                              autocast=torch.autocast("cpu", enabled=False), frozen_bn=FrozenBNStats(model),
+                              params=params, zero_grad=lambda: optimizer.zero_grad(set_to_none=True),
+                              indices=batch if caps.sample_indices else None, per_sample=caps.per_sample_loss)
+        optimizer.step(closure)
+        passes += closure.passes
+        assert closure.passes >= 1 or step > 0  # the first step sees the batch at least once
+    assert caps.passes_per_step >= 1
+    assert passes / steps == pytest.approx(caps.passes_per_step, rel=0.05)  # the declaration is what a step costs
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "one step did not change the weights"
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "stepping did not change the weights"
 
 
 def check_scheduler(node, optimizer_node, epochs: int, steps_per_epoch: int = 5) -> None:
