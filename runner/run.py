@@ -241,6 +241,8 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
                 "passes_per_step_measured": round(progress.passes / progress.step, 4) if progress.step else None,
                 "skipped_steps": getattr(experiment.optimizer, "skipped_steps", 0),
                 "forward_only_passes": progress.forward_passes,
+                "optimizer_stats": experiment.optimizer.summary_stats()
+                if hasattr(experiment.optimizer, "summary_stats") else {},
                 "wall_s": round(progress.wall_s, 3), "error": error, "experiment": spec.experiment,
                 "signature": sig, "resumed_from_epoch": resume["progress"]["epoch"] if resume else None,
                 "deterministic": spec.trainer.deterministic, "versions": versions(), "git": git,

@@ -205,3 +205,5 @@ def test_cli_runs_and_reports_the_measured_passes(run_cli, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 40
     assert summary["passes_per_step"] == 1.5 and summary["passes_per_step_measured"] == 1.5
+    assert summary["optimizer_stats"] == {"second_pass_fraction": 0.5}
+    assert summary["forward_only_passes"] == 40  # the ranking forward, one per step, counted apart

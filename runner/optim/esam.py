@@ -10,9 +10,12 @@ Cost per step, as the loop counts it (forward+backward passes, in samples): 1 + 
 on B, the second on B+ only); `passes_per_step_measured` in summary.json is this number. Not in it: one
 FORWARD-ONLY pass over the whole batch at w + e (no graph, no backward), which ranks the samples. With a backward
 costing about two forwards it is worth about 1/3 of a pass, so ESAM's compute is ≈ 4/3 + gamma passes a step
-(gamma = 1 skips it: then ESAM is 2 passes). The optimizer exposes, for the step just taken:
+(gamma = 1 skips it: then ESAM is 2 passes). The loop counts that forward apart (`closure.forward`):
+summary.json's `forward_only_passes`. The optimizer exposes, for the step just taken:
     `second_pass_fraction`  k/n, the fraction of the batch in the second forward+backward pass;
-    `forward_only_passes`   1.0 when the ranking forward ran (gamma < 1), else 0.0.
+    `forward_only_passes`   1.0 when the ranking forward ran (gamma < 1), else 0.0;
+and over the whole run `summary_stats()` -> {"second_pass_fraction": selected / seen samples} (summary.json's
+`optimizer_stats`, kept across a resume).
 SWP saves nothing here: the first pass computes every gradient (the masks only shape e); see below.
 
 Conventions, paper vs the released code (dydjw9/Efficient_SAM, utils/Esam.py), and which we follow:
@@ -74,6 +77,7 @@ class ESAM(PerturbationOptimizer):
         self.steps = 0                      # steps taken (skipped ones included): the masks' clock
         self.second_pass_fraction = 1.0     # |B+| / |B| of the last step
         self.forward_only_passes = 0.0      # forward-only passes over the batch in the last step
+        self.selected_samples = self.seen_samples = 0   # over the run: second-pass samples, batch samples
         self._generators: dict[torch.device, torch.Generator] = {}
 
     # ------------------------------------------------------------------------------------------- SWP
@@ -146,16 +150,24 @@ class ESAM(PerturbationOptimizer):
         self.commit()
         self.steps += 1
         self.second_pass_fraction, self.forward_only_passes = k / n, float(k < n)
+        self.selected_samples += k
+        self.seen_samples += n
         return loss
+
+    def summary_stats(self) -> dict:
+        """Over the run so far: the fraction of the samples that went into the second pass."""
+        return {"second_pass_fraction": self.selected_samples / self.seen_samples if self.seen_samples else None}
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self):
-        return {**super().state_dict(), "esam_steps": self.steps, "esam_seed": self.seed}
+        return {**super().state_dict(), "esam_steps": self.steps, "esam_seed": self.seed,
+                "esam_samples": [self.selected_samples, self.seen_samples]}
 
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)
         self.steps = int(state_dict.pop("esam_steps", 0))
         self.seed = int(state_dict.pop("esam_seed", self.seed))
+        self.selected_samples, self.seen_samples = (int(v) for v in state_dict.pop("esam_samples", (0, 0)))
         super().load_state_dict(state_dict)
 
 
