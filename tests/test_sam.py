@@ -159,3 +159,46 @@ def test_training_loop_updates_bn_running_stats_in_the_first_pass_only():
     torch.testing.assert_close(bn.running_mean, 0.1 * flat.mean(0))          # momentum 0.1, one update
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * flat.var(0))      # unbiased batch variance
     assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_and_asam_match_pytorch_optimizer(adaptive):
+    """pytorch_optimizer's SAM (a well-kept reference, tests only): 12 steps with momentum and weight decay.
+    Its convention computes the first gradient before `first_step` and the second before `second_step`; it adds
+    its epsilon (1e-12) to the norm like davda54 and ours. Its global norm is accumulated in float32."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    model, x, y = tiny_problem()
+    twin = copy.deepcopy(model)
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ours = SAM(model.parameters(), torch.optim.SGD, rho=0.2, adaptive=adaptive, **kwargs)
+    theirs = pytorch_optimizer.SAM(twin.parameters(), torch.optim.SGD, rho=0.2, adaptive=adaptive, **kwargs)
+    for step in range(12):
+        xs, ys = x[(step % 2) * 8:(step % 2) * 8 + 8], y[(step % 2) * 8:(step % 2) * 8 + 8]
+        ours.step(closure_for(model, ours, xs, ys, []))
+        theirs.zero_grad()
+        nn.functional.cross_entropy(twin(xs), ys).backward()
+        theirs.first_step(zero_grad=True)
+        nn.functional.cross_entropy(twin(xs), ys).backward()
+        theirs.second_step(zero_grad=True)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_sam_on_a_quadratic_is_its_closed_form():
+    """L = 1/2 w^T A w: g = A w, e = rho A w / ||A w||, g(w + e) = A (w + e); one SGD step w - lr A (w + e)."""
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))[0]
+    a = q @ torch.diag(torch.tensor([3.0, 1.0, 0.5, -0.2], dtype=torch.float64)) @ q.T
+    w0 = torch.randn(4, dtype=torch.float64)
+    w = nn.Parameter(w0.clone())
+    optimizer = SAM([w], torch.optim.SGD, rho=0.1, lr=0.05)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = 0.5 * w @ a @ w
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    e = 0.1 * (a @ w0) / ((a @ w0).norm() + 1e-12)
+    torch.testing.assert_close(w.detach(), w0 - 0.05 * a @ (w0 + e), atol=1e-14, rtol=0)
