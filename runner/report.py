@@ -559,14 +559,16 @@ def plot_cost(groups: Sequence[Group], metric: str, path: Path) -> None:
     axes[1].set(xlabel="wall time (s)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    if drawn:
-        axes[0].legend(fontsize="small")
-    else:
+    if not drawn:
         axes[0].text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center",
                      transform=axes[0].transAxes)
     fig.suptitle(f"final {metric} against cost: one point per run")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if drawn:  # below the axes, never over the points (group labels can be long)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
+                   ncol=1 if max(map(len, labels)) > 60 else 2, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
