@@ -2,13 +2,15 @@
 a trained run from its directory (or from one checkpoint file) alone.
 
 Training (runner/run.py), resume, the benchmark (scripts/bench_train.py) and post-hoc analyses all start here.
-A checkpoint is self-describing: besides the model, optimizer, scheduler, RNG states and progress it holds the
-resolved config, so `load_run(path/to/last.pt)` needs nothing else.
+A checkpoint is self-describing: besides the model, optimizer, scheduler, loss state (ALDR-KL's per-sample
+lambdas; none for most losses), RNG states and progress it holds the resolved config, so
+`load_run(path/to/last.pt)` needs nothing else.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -53,7 +55,8 @@ class Experiment:
         return {"format": CHECKPOINT_FORMAT, "signature": self.signature, "seed": self.spec.seed,
                 "config": self.spec.resolved,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(self.task.train.generator),
+                "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
+                "rng": rng_state(self.task.train.generator),
                 "progress": dataclasses.asdict(progress)}
 
     def load_state_dict(self, state: dict, where: str, restore_rng: bool = True) -> Progress:
@@ -62,6 +65,11 @@ class Experiment:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if "objective" in state:  # a loss's own state (ALDR-KL's lambdas); older checkpoints have none
+                self.objective.load_state_dict(state["objective"])
+            elif self.objective.state_dict():
+                logging.getLogger(__name__).warning("checkpoint %s holds no loss state: %s starts afresh", where,
+                                                    self.spec.loss.name)
         except (RuntimeError, ValueError, KeyError) as e:
             lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
             detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:240]
@@ -106,19 +114,30 @@ def build(spec: Spec, device: torch.device) -> Experiment:
     trainer = spec.trainer
     channels_last = trainer.channels_last if trainer.channels_last is not None else device.type == "cuda"
     caps = capabilities(spec.optimizer)
+    # a loss may need the sample indices too (ALDR-KL's per-sample lambda): it then also gets the train split's size
+    loss_indices = bool(spec.loss.entry.capabilities.get("sample_indices", False))
     seed_everything(spec.seed, trainer.deterministic, device)
     task = spec.dataset.build(seed=spec.seed, device=device, channels_last=channels_last,
-                              with_indices=caps.sample_indices)
+                              with_indices=caps.sample_indices or loss_indices)
     model = spec.model.build(input=task.input, num_classes=task.num_classes).to(device)
+    if trainer.dtype == "float64":  # weights, and float inputs as they enter the model (any task, any transform)
+        model = model.to(torch.float64)
+        model.register_forward_pre_hook(_float64_inputs)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = spec.loss.build(num_classes=task.num_classes)
+    sized = {"num_samples": task.train.num_samples} if loss_indices else {}
+    objective = spec.loss.build(num_classes=task.num_classes, **sized).to(device)  # its buffers on the device
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     if hasattr(optimizer, "set_parameter_names"):  # methods whose convention depends on names (ASAM's "weight")
         optimizer.set_parameter_names({id(p): name for name, p in model.named_parameters()})
     steps_per_epoch = len(task.train)
     scheduler = build_scheduler(spec.scheduler, optimizer, trainer.total_steps(steps_per_epoch), steps_per_epoch)
     return Experiment(spec, device, task, model, objective, optimizer, scheduler, caps)
+
+
+def _float64_inputs(module, args):
+    """`trainer.dtype=float64`: floating-point inputs cast to float64 (token inputs stay integers)."""
+    return tuple(a.to(torch.float64) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -172,10 +191,29 @@ def check_environment(spec: Spec) -> None:
     if spec.trainer.resume:
         state = load_checkpoint(spec.trainer.resume, cached=True)
         saved = (state.get("config") or {}).get("model")
-        if saved is not None and saved != spec.resolved["model"]:
+        if saved is not None and not same_model(saved, spec.resolved["model"]):
             raise ConfigError("trainer.resume", message=(
                 f"checkpoint trainer.resume={spec.trainer.resume} does not match this job's model: it holds "
                 f"{saved}, this job has {spec.resolved['model']}"))
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Two model configs describe the same architecture; keys added later (runner.spec.ADDED_KEYS, e.g.
+    `model.bias`) count only away from their old-behaviour value, so a checkpoint from before they existed still
+    matches."""
+    import copy
+
+    from runner.signature import _remove
+    from runner.spec import ADDED_KEYS
+
+    def normal(model: dict) -> dict:
+        node = {"model": copy.deepcopy(model)}
+        for key, old in ADDED_KEYS.items():
+            if key.startswith("model."):
+                _remove(node, key, only_if=old)
+        return node["model"]
+
+    return normal(a) == normal(b)
 
 
 def check_other_run(other: str, model: dict, plan) -> None:
@@ -192,7 +230,7 @@ def check_other_run(other: str, model: dict, plan) -> None:
     except ValueError as e:
         raise ConfigError("analysis.other", message=f"analysis.other={other}: {e}") from None
     saved = (state.get("config") or {}).get("model")
-    if saved is not None and saved != model:
+    if saved is not None and not same_model(saved, model):
         raise ConfigError("analysis.other", message=(
             f"analysis.other={other} holds another model: {saved} vs {model}; interpolation needs the same "
             "architecture"))

@@ -123,7 +123,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 def _analyze_finished(spec, device, record: RunDir) -> dict:
     """The analyses of `spec` on a finished run's last checkpoint (those already done with the same settings are
     skipped); their numbers and errors for the returned summary."""
-    from runner.analysis.schedule import analyze
     from runner.experiment import load_run
 
     experiment, progress = load_run(record.path, "last", device=device)

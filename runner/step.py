@@ -10,7 +10,8 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
     closure.split(m)           sub-closures over consecutive chunks of m samples (m-sharpness): each computes its
                                chunk's own gradient; averaging their gradients gives the batch gradient.
     closure.indices            the batch's sample indices into the training split (when the optimizer declares
-                               `sample_indices`), else None.
+                               `sample_indices`, or the loss does), else None. An objective with `needs_indices`
+                               (ALDR-KL's per-sample lambda) gets them at each pass: `objective(..., indices=)`.
     closure.per_sample_loss    after a call: the per-sample objective of that pass, detached, shape (n,) (when
                                the optimizer declares `per_sample_loss`), else None.
     closure.logits             after a call: that pass's logits, detached.
@@ -59,16 +60,17 @@ class StepClosure:
         # train metrics at w: the first full pass of the step, or (m-sharpness) each chunk's first pass
         report = select is None and self.samples == 0 and (first if self._root is self else self._root._calls == 0)
         self.zero_grad()
+        indices = self.indices if select is None or self.indices is None else self.indices[select]
+        kwargs = {"indices": indices} if getattr(self.objective, "needs_indices", False) else {}
         with torch.enable_grad(), (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
             logits = self.model(x)
             if self.per_sample:
-                losses = self.objective(logits, y, reduction="none")
+                losses = self.objective(logits, y, reduction="none", **kwargs)
                 loss = losses.mean()
                 self.per_sample_loss = losses.detach()
             else:
-                loss = self.objective(logits, y)
+                loss = self.objective(logits, y, **kwargs)
             if extra is not None:
-                indices = self.indices if select is None or self.indices is None else self.indices[select]
                 loss = loss + extra(logits, y, indices)
         loss.backward(create_graph=create_graph)
         if self.grad_clip is not None:

@@ -12,7 +12,8 @@ The clock. Training length is `trainer.steps` when set, else `trainer.epochs` ep
 every callback whether it is due (`Cadence`: every N steps, every N epochs, at the end: integer arithmetic, no
 sync). When any is due, one record is made: `step`, `epoch` (fractional mid-epoch), train metrics since the last
 record, `lr`, `passes`, the due callbacks' metrics (evaluation, and, next, analyses), `time/epoch_s` at epoch
-ends; it goes to metrics.jsonl and the dashboard. Without `eval_every_steps` there is a record at every epoch end
+ends; it goes to metrics.jsonl and the dashboard. A task may add its own diagnostics (`task.callbacks`, factories
+`(cadence) -> Callback`), run with each evaluation. Without `eval_every_steps` there is a record at every epoch end
 and an evaluation every `eval_every` epochs (and at the end). Checkpoints are written at epoch ends only (so a
 resumed run restarts at an epoch boundary, exactly), and at the end: every `checkpoint_every` epochs, or, on the
 step clock, at the first epoch end after every `checkpoint_every` records.
@@ -52,6 +53,7 @@ class TrainerConfig:
     grad_clip: Optional[float] = None
     device: str = "auto"
     precision: str = "auto"
+    dtype: str = "float32"                     # the weights' and float inputs' dtype: float32 | float64
     channels_last: Optional[bool] = None
     compile: bool = False
     deterministic: bool = False
@@ -76,6 +78,12 @@ class TrainerConfig:
               "auto, fp32, bf16: fp16 needs a GradScaler, and a scaler cannot unscale the gradients of the several "
               "passes of SAM-style methods (davda54/sam #55, #97); bf16 needs none")
         check(self.precision in ("auto", "fp32", "bf16"), "precision", self.precision, "auto, fp32, bf16")
+        check(self.dtype in ("float32", "float64"), "dtype", self.dtype, "float32, float64")
+        check(not (self.dtype == "float64" and self.precision == "bf16"), "precision", self.precision,
+              "fp32 or auto with trainer.dtype=float64: bf16 autocast would run the matmuls in bfloat16 and undo "
+              "float64 (use trainer.dtype=float32 for bf16)")
+        if self.dtype == "float64":
+            self.precision = "fp32"  # `auto` would autocast to bf16 on CUDA: float64 means no autocast anywhere
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -175,11 +183,12 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
 
     if cfg.eval_every_steps is not None:   # records on the step clock (full-batch tasks, long epochs)
-        train_cadence = Cadence(every_steps=cfg.eval_every_steps)
-        callbacks = [Evaluate(Cadence(every_steps=cfg.eval_every_steps), net, autocast), *callbacks]
+        train_cadence = eval_cadence = Cadence(every_steps=cfg.eval_every_steps)
     else:                                  # a record per epoch, evaluation every eval_every epochs
-        train_cadence = Cadence(every_epochs=1)
-        callbacks = [Evaluate(Cadence(every_epochs=cfg.eval_every), net, autocast), *callbacks]
+        train_cadence, eval_cadence = Cadence(every_epochs=1), Cadence(every_epochs=cfg.eval_every)
+    # the task's own diagnostics (e.g. grokking's softmax collapse) run with each evaluation
+    callbacks = [Evaluate(eval_cadence, net, autocast),
+                 *(make(eval_cadence) for make in task.callbacks), *callbacks]
 
     sums = task.metrics.zeros(device)      # train metrics since the last record, read at records only
     seen = records_since_checkpoint = 0
@@ -190,7 +199,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     def checkpoint() -> None:
         """At an epoch end; the sums since the last record go with it (a sync, but only at a checkpoint taken
         between records, on the step clock), so a resumed run's next record is the uninterrupted run's."""
-        progress.pending = {"sums": [s.item() for s in sums], "seen": seen} if seen else {}
+        progress.pending = {"sums": [s.tolist() for s in sums], "seen": seen} if seen else {}
         sink.checkpoint()
         progress.pending = {}
     update = lambda logits, y: task.metrics.update(sums, logits, y)  # noqa: E731  (reads `sums` when called)

@@ -1,8 +1,9 @@
 """Image classification: the first task plugin. Datasets digits (bundled), CIFAR-10/100, MNIST, Fashion-MNIST and
 synthetic, each registered in `TASKS` under the name of its `conf/dataset/<name>.yaml`.
 
-The raw data is loaded as uint8 tensors on the CPU, subset / validation split / label noise are taken (all
-seeded), then every split moves to the training device, where batches are augmented (random crop + flip) and
+The raw data is loaded as uint8 tensors on the CPU, a long-tailed copy of the training split / subset /
+validation split / label noise are taken, in this order (all seeded), then every split moves to the training
+device, where batches are augmented (random crop + flip) and
 normalized per batch (`ImageTransform`). Normalization comes after augmentation, so crop padding is black (0)
 as in torchvision's `RandomCrop(32, padding=4)` followed by `Normalize`.
 
@@ -13,6 +14,13 @@ Conventions:
 - The files come from the real torchvision dataset classes (the on-disk formats torchvision downloads);
   missing files are a one-line `ConfigError` naming the folder that was expected.
 - All randomness goes through a `torch.Generator` seeded by the caller, so results are reproducible.
+- Long-tailed data (`imbalance_ratio` rho = n_max / n_min): the training split keeps floor(n_max rho^(-c/(K-1)))
+  samples of class c (Cao et al. 2019's CIFAR-10/100-LT; n_max = its smallest class count, 5000 for CIFAR),
+  chosen by a permutation seeded by the run's seed (`tasks.long_tailed_indices`). It comes first, so a `subset`
+  is drawn from the long-tailed split, the validation split (held out of it) is long-tailed too, and label noise
+  falls on it; the test split stays as loaded (balanced for CIFAR, MNIST, Fashion-MNIST). The training split's
+  class counts go to summary.json (`train_class_counts`), and every evaluation logs each class's accuracy
+  (`test/acc_class_<c>`, K <= 20) besides `balanced_acc` (tasks/__init__.py, `ClassificationMetrics`).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 
 from runner.config import ConfigError, check
 from runner.data import DeviceBatches
-from tasks import TASKS, ImageInput, Task
+from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, ImageInput, Task, long_tailed_indices
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
 
@@ -44,6 +52,7 @@ class ImageDatasetParams:
     subset: Optional[int] = None
     label_noise: float = 0.0
     augment: bool = False
+    imbalance_ratio: Optional[float] = None  # long-tailed train split: n_max / n_min (>= 1); null = as loaded
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -53,6 +62,8 @@ class ImageDatasetParams:
               self.val_size, "0, a fraction in (0, 1) or a whole count")
         check(self.subset is None or self.subset >= 1, "subset", self.subset, "null or >= 1")
         check(0.0 <= self.label_noise <= 1.0, "label_noise", self.label_noise, "[0, 1]")
+        check(self.imbalance_ratio is None or (math.isfinite(self.imbalance_ratio) and self.imbalance_ratio >= 1),
+              "imbalance_ratio", self.imbalance_ratio, "null or a number >= 1 (n_max / n_min)")
 
 
 @dataclass
@@ -280,14 +291,21 @@ class ImageTransform:
 def build_image_task(name: str, *, seed: int, device: torch.device, channels_last: bool = False,
                      with_indices: bool = False, root: str, download: bool, batch_size: int, eval_batch_size: int,
                      val_size: float, subset: Optional[int], label_noise: float, augment: bool,
-                     synthetic_size: int = 50000) -> Task:
-    """Load dataset `name`, take a subset / validation split / label noise (all seeded), move it to `device`."""
+                     synthetic_size: int = 50000, imbalance_ratio: Optional[float] = None) -> Task:
+    """Load dataset `name`, take a long-tailed copy / subset / validation split / label noise of the training
+    split (all seeded), move it to `device`."""
     raw = load_image_data(name, root, download, synthetic_size=synthetic_size, seed=seed)
     train, evals = raw.train, {}
+    if imbalance_ratio is not None:
+        keep = long_tailed_indices(train.y, raw.num_classes, imbalance_ratio, seed)
+        train = Split(train.x[keep], train.y[keep])
     if subset is not None:
         train = take_subset(train, subset, seed)
     if val_size > 0:
         train, evals["val"] = split_train_val(train, val_size if val_size < 1 else int(val_size), seed)
+    info = {}
+    if imbalance_ratio is not None:
+        info["train_class_counts"] = torch.bincount(train.y, minlength=raw.num_classes).tolist()
     noisy_fraction = 0.0
     if label_noise > 0:
         noisy, flipped = symmetric_label_noise(train.y, label_noise, raw.num_classes, seed)
@@ -308,7 +326,9 @@ def build_image_task(name: str, *, seed: int, device: torch.device, channels_las
                 evals={split_name: batches(split, eval_batch_size, train_split=False)
                        for split_name, split in evals.items()},
                 input=ImageInput(raw.in_channels, raw.image_size, tuple(raw.mean), tuple(raw.std)),
-                num_classes=raw.num_classes, info={"label_noise_fraction": noisy_fraction})
+                num_classes=raw.num_classes, info={"label_noise_fraction": noisy_fraction, **info},
+                metrics=ClassificationMetrics(raw.num_classes, per_class=imbalance_ratio is not None
+                                              and raw.num_classes <= PER_CLASS_MAX))
 
 
 for _name in DATASETS:

@@ -7,12 +7,16 @@ the pairs in the training split and the rest in the test split (the papers: p = 
 no download. A sample is the token pair (a, b): `TokenInput(vocab=p, length=2)`; the MLP sees one-hot(a) ‖
 one-hot(b). `batch_size: null` is full batch, as in the papers: one step per epoch, so count training in
 `trainer.steps` and record every `trainer.eval_every_steps`.
+
+Each evaluation also logs the paper's diagnostics (runner/analysis/grokking.py): softmax collapse and the
+zero-loss fraction of the training split, the weight norm, and the gradient's norm and cosine with the weights.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from runner.analysis.grokking import GrokkingMetrics
 from runner.config import check
 from runner.data import DeviceBatches
 from tasks import TASKS, Task, TokenInput
@@ -36,6 +40,13 @@ class ModularParams:
         check(0.0 < self.train_fraction < 1.0, "train_fraction", self.train_fraction, "(0, 1)")
         check(self.batch_size is None or self.batch_size >= 1, "batch_size", self.batch_size, "null or >= 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+
+
+@dataclass
+class ModularTask(Task):
+    """A Task whose evaluations also log the grokking diagnostics: `callbacks` are factories `(cadence) ->
+    runner.train.Callback` the loop runs on the evaluation cadence."""
+    callbacks: tuple = field(default=(GrokkingMetrics,))
 
 
 def all_pairs(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,10 +74,11 @@ def build_modular_task(*, seed: int, device: torch.device, channels_last: bool =
     train, test = order[:n_train], order[n_train:]
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return Task(train=DeviceBatches(x[train].to(device), y[train].to(device), batch_size or n_train, shuffle=True,
-                                    generator=generator, with_indices=with_indices),
-                evals={"test": DeviceBatches(x[test].to(device), y[test].to(device), eval_batch_size, shuffle=False)},
-                input=TokenInput(vocab=p, length=2), num_classes=p)
+    train_split = DeviceBatches(x[train].to(device), y[train].to(device), batch_size or n_train, shuffle=True,
+                                generator=generator, with_indices=with_indices)
+    test_split = DeviceBatches(x[test].to(device), y[test].to(device), eval_batch_size, shuffle=False)
+    return ModularTask(train=train_split, evals={"test": test_split}, input=TokenInput(vocab=p, length=2),
+                       num_classes=p)
 
 
 TASKS.register("modular_arithmetic", ModularParams, "modular arithmetic (grokking): c = a op b mod p",

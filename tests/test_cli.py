@@ -271,7 +271,7 @@ def bad_inputs(tmp_path_factory):
         (raw / name).write_bytes(b"")
 
     cases = {
-        "unknown-option": (["optimizer=foo"], ["optimizer", "'foo'", "adamw, sam, sgd"]),
+        "unknown-option": (["optimizer=foo"], ["optimizer", "'foo'", "available: adam, adamw", "sam, sgd"]),
         "unknown-experiment": (["+experiment=nope"], ["experiment", "nope", "sam_cifar", "sgd_cifar"]),
         "negative-lr": (["optimizer.lr=-1"], ["optimizer.lr", "-1"]),
         "negative-rho": (["optimizer=sam", "optimizer.rho=-0.1"], ["optimizer.rho", "-0.1"]),

@@ -260,10 +260,17 @@ def test_every_experiment_composes_validates_and_builds(compose, name):
     cfg = compose([f"+experiment={name}"])
     spec = validate(cfg)
     assert spec.experiment == name
-    channels, size, num_classes = SHAPES[spec.dataset.name]
-    check_model(cfg.model, channels, size, num_classes)
+    if spec.dataset.name in SHAPES:
+        channels, size, num_classes = SHAPES[spec.dataset.name]
+        check_model(cfg.model, channels, size, num_classes)
+    else:  # feature and token tasks (grokking): the model on the task's own input
+        task = spec.dataset.build(seed=0, device=torch.device("cpu"))
+        model = spec.model.build(input=task.input, num_classes=task.num_classes)
+        x, y, _ = next(iter(task.evals["test"]))
+        assert model(x).shape == (len(y), task.num_classes)
     check_optimizer(cfg.optimizer)
-    check_scheduler(cfg.scheduler, cfg.optimizer, spec.trainer.epochs, steps_per_epoch=2)
+    epochs = spec.trainer.epochs or 1  # a preset on the step clock (trainer.steps) has no epochs
+    check_scheduler(cfg.scheduler, cfg.optimizer, epochs, steps_per_epoch=2)
     check_loss(cfg.loss)
     # overrides on top of a preset still apply (the command line comes last)
     small = compose([f"+experiment={name}", "trainer.epochs=1", "model.width=8"] if "width" in cfg.model
@@ -319,3 +326,26 @@ def test_cfg_hydra_shows_job_name_runner(tmp_path):
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)
     assert printed.hydra.job.name == "runner"
+
+
+@pytest.mark.parametrize("overrides, added", [
+    (["+experiment=sam_cifar"], ["optimizer.weight_decay_in_loss", "optimizer.skip_nonfinite", "optimizer.m",
+                                 "dataset.imbalance_ratio", "analysis"]),
+    ([], ["dataset.imbalance_ratio", "model.bias", "trainer.dtype", "analysis"]),
+])
+def test_keys_added_later_keep_the_signature_of_runs_from_before(compose, overrides, added):
+    """A config as it was before these keys existed has the signature a config with them at their defaults has:
+    reruns of old commands find their run folders (runner.spec.ADDED_KEYS, NON_IDENTITY_KEYS)."""
+    import copy
+
+    from runner.signature import _remove
+
+    now = validate(compose(overrides)).resolved
+    before = copy.deepcopy(now)
+    for key in added:
+        if key == "analysis":
+            before.pop("analysis", None)
+        else:
+            _remove(before, key)
+    assert before != now
+    assert signature(before) == signature(now)

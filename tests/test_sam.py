@@ -111,7 +111,7 @@ def test_sam_from_config_over_a_base_given_by_name_or_node():
 
 
 @pytest.mark.parametrize("node, key", [
-    ({"name": "sam", "base": "lion"}, "optimizer.base.name"),
+    ({"name": "sam", "base": "nosuch"}, "optimizer.base.name"),
     ({"name": "sam", "base": {"name": "adamw", "momentum": 0.9}}, "optimizer.base.momentum"),
     ({"name": "sam", "base": {"name": "sgd", "lr": -1.0}}, "optimizer.base.lr"),
     ({"name": "sam", "rho": -0.1}, "optimizer.rho"),

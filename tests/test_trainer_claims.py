@@ -195,7 +195,8 @@ def test_eval_every_evaluates_on_multiples_and_the_last_epoch(tmp_path):
         if r["epoch"] in evaluated:
             assert {"test/loss", "test/acc"} <= set(r), r
     last = records[-1]
-    assert s["final"] == {k: last[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc")}
+    assert s["final"] == {k: last[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc",
+                                               "train/balanced_acc", "test/balanced_acc")}
     best = max((r for r in records if r["epoch"] in evaluated), key=lambda r: r["test/acc"])
     assert s["best"]["test/acc"] == best["test/acc"] and s["best"]["epoch"] in evaluated
 

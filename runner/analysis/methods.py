@@ -134,7 +134,7 @@ class Landscape2D(Landscape1D):
 
 @ANALYSES.register("landscape_2d", Landscape2D, "Li et al. 2018 filter-normalized 2-D grid", periodic=False)
 def landscape_2d(context: Context, **settings) -> Outcome:
-    from runner.analysis import landscape, plots
+    from runner.analysis import landscape
 
     s = Landscape2D(**settings)
     probe, sets = context.probe, context.sets(s.samples, s.seed, s.batch_size)

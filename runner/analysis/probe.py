@@ -21,7 +21,7 @@ import torch
 from torch.func import functional_call
 
 from runner import paramspace
-from runner.losses import measured_loss
+from runner.losses import at_least_float32, measured_loss
 
 BN_MODES = ("eval", "recalibrate")
 
@@ -102,7 +102,7 @@ class Probe:
     def loss(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, objective=None,
              buffers: dict | None = None) -> torch.Tensor:
         """Mean loss at `params` in float32 (`objective`, else plain cross-entropy), differentiable."""
-        logits = self.logits(params, x, buffers).float()
+        logits = at_least_float32(self.logits(params, x, buffers))
         if objective is None:
             return measured_loss(logits, y)
         return objective(logits, y)
@@ -117,7 +117,7 @@ class Probe:
             for x, y in data.batches():
                 with self.autocast:
                     logits = self._call(params, x, buffers)
-                loss += measured_loss(logits.float(), y, reduction="sum")
+                loss += measured_loss(logits, y, reduction="sum")
                 correct += (logits.argmax(1) == y).sum()
         return loss, correct
 

@@ -7,6 +7,7 @@ gets what it needs to know about the task: `build(num_classes=..., **params)`.
 The objective shapes training only. Reported losses (train/loss, test/loss), landscapes and Hessians use
 `measured_loss`, plain mean cross-entropy, so numbers stay comparable across objectives.
 """
+import torch
 import torch.nn.functional as F
 
 from runner.config import Registry
@@ -14,9 +15,25 @@ from runner.config import Registry
 LOSSES = Registry("loss")
 
 
+def reduce(losses, reduction: str):
+    """Per-sample losses -> the batch's, as `reduction` asks ("mean", "sum" or "none"); every loss uses it."""
+    if reduction == "none":
+        return losses
+    if reduction in ("mean", "sum"):
+        return getattr(losses, reduction)()
+    raise ValueError(f"reduction={reduction!r}: use 'mean', 'sum' or 'none'")
+
+
+def at_least_float32(logits):
+    """Logits for a loss: bf16/fp16 up to float32, float64 kept (trainer.dtype=float64 runs)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def measured_loss(logits, targets, reduction: str = "mean"):
-    """The loss we report everywhere: plain cross-entropy, computed in float32."""
-    return F.cross_entropy(logits.float(), targets, reduction=reduction)
+    """The loss we report everywhere: plain cross-entropy, in float32 (float64 for float64 runs)."""
+    return F.cross_entropy(at_least_float32(logits), targets, reduction=reduction)
 
 
 from runner.losses import cross_entropy, stablemax  # noqa: E402,F401  (import registers the losses)
+from runner.losses import focal, poly1, smooth_cross_entropy, sparsemax, spherical_zloss  # noqa: E402,F401
+from runner.losses import ldr  # noqa: E402,F401  (LDR-KL, ALDR-KL)

@@ -1,7 +1,7 @@
 """Softmax cross-entropy with optional label smoothing (Szegedy et al. 2016, "Rethinking the Inception
 Architecture"), torch's convention: target = (1 - s) * onehot + s / num_classes (the smoothing mass is spread
 over all classes, the true one included; some papers spread it over the other C - 1 classes only).
-Computed in float32 whatever the autocast dtype.
+Computed in float32 whatever the autocast dtype (float64 in float64 runs).
 """
 from dataclasses import dataclass
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runner.config import check
-from runner.losses import LOSSES
+from runner.losses import LOSSES, at_least_float32
 
 
 @dataclass
@@ -26,7 +26,8 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits, targets, reduction: str = "mean"):
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing, reduction=reduction)
+        return F.cross_entropy(at_least_float32(logits), targets, label_smoothing=self.label_smoothing,
+                               reduction=reduction)
 
 
 @LOSSES.register("cross_entropy", CrossEntropyParams, "softmax cross-entropy, optional label smoothing")

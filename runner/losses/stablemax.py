@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from runner.losses import LOSSES
+from runner.losses import LOSSES, at_least_float32
 
 
 def stablemax_s(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def stablemax_s(x: torch.Tensor) -> torch.Tensor:
 
 def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
     """log p over the last dimension, (N, C) -> (N, C)."""
-    s = stablemax_s(logits if logits.dtype == torch.float64 else logits.float())
+    s = stablemax_s(at_least_float32(logits))
     return torch.log(s) - torch.log(s.sum(dim=-1, keepdim=True))
 
 

@@ -3,7 +3,8 @@
 Works on any input a task declares, without knowing the task: images and feature vectors are flattened
 (8x8 digits: 64 features); token sequences are one-hot encoded and concatenated (the pair (a, b) of modular
 arithmetic: one-hot(a) ‖ one-hot(b), as in the grokking papers' MLPs).
-PyTorch's default Linear initialization (Kaiming-uniform), as in most MLP baselines.
+PyTorch's default Linear initialization (Kaiming-uniform), as in most MLP baselines. `bias: false` drops every
+bias (the MLP of Prieto et al. 2025: one-hot(a) ‖ one-hot(b) -> 200 -> 200 -> p, ReLU, no biases).
 """
 from dataclasses import dataclass, field
 from typing import List
@@ -24,9 +25,11 @@ class OneHotFlatten(nn.Module):
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab = vocab
+        # follows the model's dtype (`model.to(torch.float64)`); not saved in checkpoints
+        self.register_buffer("dtype_probe", torch.zeros(0), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(tokens, self.vocab).flatten(1).float()
+        return F.one_hot(tokens, self.vocab).flatten(1).to(self.dtype_probe.dtype)
 
 
 def flat_input(input) -> tuple[nn.Module, int]:
@@ -40,6 +43,7 @@ def flat_input(input) -> tuple[nn.Module, int]:
 class MLPParams:
     hidden: List[int] = field(default_factory=lambda: [256, 256])  # widths of the hidden layers
     dropout: float = 0.0  # dropout probability after each hidden ReLU
+    bias: bool = True     # biases in every Linear layer (false: the grokking paper's MLP)
 
     def __post_init__(self):
         check(all(w > 0 for w in self.hidden), "hidden", list(self.hidden), "a list of positive widths")
@@ -47,14 +51,14 @@ class MLPParams:
 
 
 @MODELS.register("mlp", MLPParams, batchnorm=False, inputs=("image", "features", "tokens"))
-def build_mlp(input, num_classes: int, hidden: List[int], dropout: float) -> nn.Module:
-    """MLP on flattened (or one-hot) inputs, ReLU hidden layers with optional dropout."""
+def build_mlp(input, num_classes: int, hidden: List[int], dropout: float, bias: bool = True) -> nn.Module:
+    """MLP on flattened (or one-hot) inputs, ReLU hidden layers with optional dropout, with or without biases."""
     first, width = flat_input(input)
     layers: List[nn.Module] = [first]
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, h, bias=bias), nn.ReLU(inplace=True)]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         width = h
-    layers.append(nn.Linear(width, num_classes))
+    layers.append(nn.Linear(width, num_classes, bias=bias))
     return nn.Sequential(*layers)

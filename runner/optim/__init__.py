@@ -4,7 +4,8 @@ Every optimizer is a `torch.optim.Optimizer` driven by the loop as `optimizer.st
 the closure's contract). Each entry declares its capabilities; the loop reads them (`capabilities(choice)`):
 - `passes_per_step`: forward+backward passes over the batch a step costs (the loop also counts the real ones);
 - `sample_indices`: the closure must carry the batch's sample indices (per-sample selection, e.g. ESAM);
-- `per_sample_loss`: the closure must keep the per-sample objective of each pass.
+- `per_sample_loss`: the closure must keep the per-sample objective of each pass;
+- `needs_loss`: its step uses the loss value the closure returns (MoMo), so it cannot be a wrapper's base.
 
 Wrappers (SAM and kin) take a base optimizer by name. Two spellings, both validated recursively against the
 base's own schema:
@@ -36,6 +37,7 @@ class Capabilities:
     passes_per_step: float = 1
     sample_indices: bool = False
     per_sample_loss: bool = False
+    needs_loss: bool = False  # its step uses the loss value (MoMo): it cannot be a wrapper's base
 
 
 def capabilities(choice: Choice) -> Capabilities:
@@ -57,6 +59,9 @@ class Wraps:
                 if key in fields and key not in node and hasattr(self, key):
                     node[key] = getattr(self, key)
         self.base = OPTIMIZERS.validate(node, prefix=f"{prefix}.base")
+        if capabilities(self.base).needs_loss:
+            raise ConfigError(f"{prefix}.base.name", self.base.name, "an optimizer whose step needs no loss value "
+                              f"({self.base.name} needs the loss, which a wrapper's base step does not get)")
         if capabilities(self.base).passes_per_step != 1:
             raise ConfigError(f"{prefix}.base.name", self.base.name, "an optimizer that takes one plain step "
                               "(the wrapper drives the extra passes itself)")
