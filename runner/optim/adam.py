@@ -22,7 +22,7 @@ from runner.optim.params import LR, Betas, Eps
 
 @dataclass
 class AdamParams(Eps, Betas, LR):
-    pass
+    """lr, betas, eps; deliberately no weight_decay field: this is Adam without weight decay."""
 
 
 @OPTIMIZERS.register("adam", AdamParams, "Adam (Kingma & Ba 2015) without weight decay", passes_per_step=1)

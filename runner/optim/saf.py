@@ -108,6 +108,8 @@ class TrajectoryLoss(PerturbationOptimizer):
         self._warned = False
 
     def extra(self, closure) -> Optional[Callable]:
+        """The trajectory term for this step's pass, `f(logits, y, indices)`, or None: SAF (stored outputs) and
+        MESA (an EMA teacher) each define it."""
         raise NotImplementedError
 
     def after_step(self) -> None:
