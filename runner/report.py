@@ -498,16 +498,23 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
         ax.plot(epochs, mean, color=color, label=f"{group.label} (n={len(group.completed)})")
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         drawn = True
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
+    if not drawn:
         ax.text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center", transform=ax.transAxes)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
+    ax.set(xlabel="epoch (= step for full-batch tasks)", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _legend_below(fig, ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_below(fig, ax) -> None:
+    """The legend under the axes, never over the curves or points (group labels can be long)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
+                   ncol=1 if max(map(len, labels)) > 60 else 2, frameon=False)
 
 
 def plot_bars(groups: Sequence[Group], rows: Sequence[dict], metric: str, path: Path) -> None:
@@ -532,7 +539,7 @@ def plot_bars(groups: Sequence[Group], rows: Sequence[dict], metric: str, path: 
     ax.margins(x=0.15, y=0.3)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -564,10 +571,7 @@ def plot_cost(groups: Sequence[Group], metric: str, path: Path) -> None:
                      transform=axes[0].transAxes)
     fig.suptitle(f"final {metric} against cost: one point per run")
     fig.tight_layout()
-    if drawn:  # below the axes, never over the points (group labels can be long)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
-                   ncol=1 if max(map(len, labels)) > 60 else 2, frameon=False)
+    _legend_below(fig, axes[0])
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
