@@ -22,8 +22,9 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
 Conventions the loop guarantees:
 - BN running statistics are updated by the first pass of a step only; later passes (at w + e(w), or on a
   subset) normalize with their own batch statistics but leave `running_mean/var` alone (davda54/sam);
-- train metrics (`train/loss`, `train/acc`) come from the first full-batch pass, at the weights w (with
-  m-sharpness: from each chunk's first pass, at w);
+- train metrics (`train/loss`, `train/acc`, and `train/objective`: the training loss's own value, without any
+  `extra` term) come from the first full-batch pass, at the weights w (with m-sharpness: from each chunk's first
+  pass, at w): `on_first_pass(logits, y, objective)`;
 - gradient clipping (`trainer.grad_clip`) applies to the gradient of every pass, before the optimizer sees it;
 - autocast (bf16) covers every pass; the objective is computed in float32.
 """
@@ -70,6 +71,7 @@ class StepClosure:
                 self.per_sample_loss = losses.detach()
             else:
                 loss = self.objective(logits, y, **kwargs)
+            objective = loss.detach()
             if extra is not None:
                 loss = loss + extra(logits, y, indices)
         loss.backward(create_graph=create_graph)
@@ -77,7 +79,7 @@ class StepClosure:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.logits = logits.detach()
         if report and self.on_first_pass is not None:
-            self.on_first_pass(self.logits, y)
+            self.on_first_pass(self.logits, y, objective)
         self.samples += len(y)
         if self._root is not self:
             self._root.samples += len(y)

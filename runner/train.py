@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from runner import paramspace
 from runner.config import check
+from runner.losses import is_measured_loss
 from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
 
@@ -181,6 +182,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     per_sample = experiment.capabilities.per_sample_loss
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    log_objective = not is_measured_loss(experiment.spec.loss)
 
     if cfg.eval_every_steps is not None:   # records on the step clock (full-batch tasks, long epochs)
         train_cadence = eval_cadence = Cadence(every_steps=cfg.eval_every_steps)
@@ -190,10 +192,14 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     callbacks = [Evaluate(eval_cadence, net, autocast),
                  *(make(eval_cadence) for make in task.callbacks), *callbacks]
 
-    sums = task.metrics.zeros(device)      # train metrics since the last record, read at records only
+    # train metrics since the last record, read at records only; the last entry sums the objective's own value
+    # (`train/objective`, logged when the objective is not the reported cross-entropy itself)
+    sums = task.metrics.zeros(device) + [torch.zeros((), device=device)]
     seen = records_since_checkpoint = 0
     if progress.pending:                   # resumed from a checkpoint taken between two records
-        sums = [torch.tensor(v, dtype=z.dtype, device=device) for v, z in zip(progress.pending["sums"], sums)]
+        saved = progress.pending["sums"]
+        saved = saved if len(saved) == len(sums) else saved + [math.nan]  # a checkpoint from before train/objective
+        sums = [torch.tensor(v, dtype=z.dtype, device=device) for v, z in zip(saved, sums)]
         seen, progress.pending = progress.pending["seen"], {}
 
     def checkpoint() -> None:
@@ -202,7 +208,10 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
         progress.pending = {"sums": [s.tolist() for s in sums], "seen": seen} if seen else {}
         sink.checkpoint()
         progress.pending = {}
-    update = lambda logits, y: task.metrics.update(sums, logits, y)  # noqa: E731  (reads `sums` when called)
+
+    def update(logits, y, objective) -> None:  # the first pass of each step (reads `sums` when called)
+        task.metrics.update(sums[:-1], logits, y)
+        sums[-1] += objective.float() * len(y)
     mark = time.perf_counter()
     experiment.model.train()
     while progress.step < total:
@@ -235,10 +244,12 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                       "epoch": progress.epoch if epoch_end else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
             diverged = False
             if due_train and seen:
-                for key, value in task.metrics.compute(sums, seen).items():   # the record's host sync
+                for key, value in task.metrics.compute(sums[:-1], seen).items():   # the record's host sync
                     record[f"train/{key}"] = value
+                if log_objective:
+                    record["train/objective"] = sums[-1].item() / seen
                 diverged = not math.isfinite(record["train/loss"])
-                sums, seen = task.metrics.zeros(device), 0
+                sums, seen = task.metrics.zeros(device) + [torch.zeros_like(sums[-1])], 0
             record.update(lr=scheduler.get_last_lr()[0], passes=progress.passes)
             if not diverged:
                 for callback in due:

@@ -180,7 +180,7 @@ def test_m_sharpness_updates_bn_once_and_reports_train_metrics_of_every_chunk():
         reference(x[:4])  # the first chunk at w: the only update of the running statistics
     optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, m=4)
     seen = []
-    optimizer.step(step_closure(model, optimizer, x, y, on_first_pass=lambda logits, yy: seen.append(len(yy))))
+    optimizer.step(step_closure(model, optimizer, x, y, on_first_pass=lambda logits, yy, objective: seen.append(len(yy))))
     torch.testing.assert_close(bn.running_mean, reference[1].running_mean)
     torch.testing.assert_close(bn.running_var, reference[1].running_var)
     assert bn.num_batches_tracked.item() == 1

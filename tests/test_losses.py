@@ -42,3 +42,38 @@ def test_stablemax_cross_entropy_closed_form_and_gradient():
     stable = loss(big, torch.tensor([0]))
     stable.backward()
     assert stable.item() > 0 and big.grad.abs().sum().item() > 0
+
+
+def test_loss_dtype_casts_the_logits_of_a_float32_model():
+    """`loss.dtype=float64` (the paper's `--cross_entropy_dtype float64`): a float32 model's logits go into the
+    loss as float64 and the gradient flows back as float32; the float64 loss equals the float64 closed form, and
+    where float32 softmax collapses (loss exactly 0) the float64 cross-entropy still has a loss and a gradient."""
+    y = torch.tensor([0])
+    for name in ("cross_entropy", "stablemax"):
+        loss64 = LOSSES.validate({"name": name, "dtype": "float64"}).build(num_classes=3)
+        plain = LOSSES.validate({"name": name}).build(num_classes=3)
+        logits = torch.tensor([[2.0, 0.5, -1.0]], requires_grad=True)
+        value = loss64(logits, y)
+        assert value.dtype == torch.float64 and plain(logits, y).dtype == torch.float32
+        torch.testing.assert_close(value, plain(logits.detach().double(), y))
+        value.backward()
+        assert logits.grad.dtype == torch.float32
+    collapsed = torch.tensor([[20.0, 0.0, 0.0]], requires_grad=True)   # 2e^-20 < float32's epsilon: p_y == 1
+    ce = LOSSES.validate({"name": "cross_entropy"}).build(num_classes=3)
+    assert ce(collapsed, y).item() == 0.0
+    ce64 = LOSSES.validate({"name": "cross_entropy", "dtype": "float64"}).build(num_classes=3)
+    value = ce64(collapsed, y)
+    value.backward()
+    assert math.isclose(value.item(), math.log1p(2 * math.exp(-20)), rel_tol=1e-5) and collapsed.grad.abs().sum() > 0
+    half = LOSSES.validate({"name": "cross_entropy", "dtype": "float16"}).build(num_classes=3)
+    assert half(torch.tensor([[2.0, 0.5, -1.0]]), y).dtype == torch.float16
+
+
+def test_loss_dtype_refuses_other_values():
+    import pytest
+
+    from runner.config import ConfigError
+
+    for name in ("cross_entropy", "stablemax"):
+        with pytest.raises(ConfigError, match="dtype"):
+            LOSSES.validate({"name": name, "dtype": "bfloat64"})

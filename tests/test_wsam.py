@@ -1,7 +1,6 @@
 """WSAM (runner/optim/wsam.py) against pytorch_optimizer.WSAM and a hand-written float64 step, decoupled and coupled,
 weight decay in the base or in the loss; gamma = 1/2 coupled is SAM; a skipped step skips the decoupled term too;
 passes; both bases; BN statistics through the loop; CLI."""
-import json
 
 import pytest
 import torch
@@ -171,10 +170,3 @@ def test_the_loop_updates_bn_running_stats_in_the_first_pass_only():
     torch.testing.assert_close(bn.running_mean, 0.1 * flat.mean(0))          # momentum 0.1, one update
     torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * flat.var(0))
     assert bn.num_batches_tracked.item() == 1
-
-
-def test_cli_run_on_digits(run_cli, tmp_path):
-    result = run_cli("optimizer=wsam", "trainer.epochs=2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["passes_per_step_measured"] == 2

@@ -29,9 +29,25 @@ def at_least_float32(logits):
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+LOSS_DTYPES = (None, "float16", "float32", "float64")
+
+
+def in_loss_dtype(logits, dtype: str | None):
+    """Logits cast to the precision a loss is computed in: `dtype=None` is `at_least_float32`; "float64" is the
+    paper's `--cross_entropy_dtype float64` (Prieto et al. 2025: the model stays float32, only the loss and its
+    gradient into the logits are float64, which keeps softmax collapse away), "float16" shows collapse early."""
+    return at_least_float32(logits) if dtype is None else logits.to(getattr(torch, dtype))
+
+
 def measured_loss(logits, targets, reduction: str = "mean"):
     """The loss we report everywhere: plain cross-entropy, in float32 (float64 for float64 runs)."""
     return F.cross_entropy(at_least_float32(logits), targets, reduction=reduction)
+
+
+def is_measured_loss(choice) -> bool:
+    """The loss option (a validated Choice) trains on exactly the reported loss: plain cross-entropy at its
+    defaults. Otherwise the loop logs the objective's own value too (`train/objective`)."""
+    return choice.name == "cross_entropy" and choice.params == type(choice.params)()
 
 
 from runner.losses import cross_entropy, stablemax  # noqa: E402,F401  (import registers the losses)
