@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from runner import paramspace
 from runner.config import check
-from runner.losses import is_measured_loss
 from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
 
@@ -182,7 +181,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     per_sample = experiment.capabilities.per_sample_loss
     show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    log_objective = not is_measured_loss(experiment.spec.loss)
+    log_objective = not getattr(experiment.objective, "is_measured_loss", False)
 
     if cfg.eval_every_steps is not None:   # records on the step clock (full-batch tasks, long epochs)
         train_cadence = eval_cadence = Cadence(every_steps=cfg.eval_every_steps)

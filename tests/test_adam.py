@@ -9,15 +9,9 @@ from torch.func import functional_call, grad
 
 from runner.config import ConfigError
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
+from tiny import tiny_problem
 
 LR, BETAS, EPS = 1e-2, (0.8, 0.99), 1e-3  # eps large enough that its placement matters in float64
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
 
 
 def run(model, optimizer, x, y, steps):

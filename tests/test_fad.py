@@ -10,25 +10,9 @@ from torch.func import functional_call, grad
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.fad import FAD
 from runner.optim.sam import SAM
+from tiny import closure_for, tiny_problem
 
 HP = dict(rho=0.2, alpha=0.7, beta=0.6)
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
-
-
-def closure_for(model, optimizer, x, y, calls):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        calls.append(loss.item())
-        return loss
-    return closure
 
 
 def norm(v: dict) -> torch.Tensor:

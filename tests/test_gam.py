@@ -10,25 +10,9 @@ from runner.config import ConfigError
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.gam import GAM
 from runner.optim.sam import SAM
+from tiny import closure_for, tiny_problem
 
 HP = dict(rho=0.3, rho_prime=0.05, alpha=0.3, beta=0.4, gamma=0.5)
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
-
-
-def closure_for(model, optimizer, x, y, calls):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        calls.append(loss.item())
-        return loss
-    return closure
 
 
 def norm(v: dict) -> torch.Tensor:

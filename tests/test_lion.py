@@ -11,24 +11,9 @@ from torch.func import functional_call, grad
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.lion import Lion
 from runner.optim.sam import SAM
+from tiny import closure_for, tiny_problem
 
 LR, BETAS, WD = 1e-2, (0.9, 0.99), 0.3
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
-
-
-def closure_for(model, optimizer, x, y):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def run(model, optimizer, x, y, steps):

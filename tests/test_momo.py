@@ -18,6 +18,7 @@ from torch.func import functional_call, grad
 
 from runner.optim import OPTIMIZERS, capabilities
 from runner.optim.momo import Momo, MomoAdam
+from tiny import tiny_problem
 
 OFFSET = 0.3  # L(w) = 1/2 w^T A w + OFFSET >= OFFSET > 0
 
@@ -253,13 +254,6 @@ def test_online_lower_bound_matches_the_hand_written_estimate():
 
 
 # ------------------------------------------------------------------------------------------------- networks
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
-
-
 def flat_fns(model, x, y):
     """f and grad of the batch loss as functions of one flat weight vector (parameter order)."""
     names = [k for k, _ in model.named_parameters()]

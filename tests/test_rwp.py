@@ -12,13 +12,7 @@ from torch.func import functional_call, grad
 
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.rwp import RWP, step_seed
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
+from tiny import tiny_problem
 
 
 def plain_closure(model, optimizer, x, y, calls):

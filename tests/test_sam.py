@@ -10,27 +10,11 @@ from runner.config import ConfigError
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.bn import FrozenBNStats
 from runner.optim.sam import SAM
-
-
-def tiny_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
+from tiny import closure_for, tiny_problem
 
 
 def loss_at(model, params, x, y):
     return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
-
-
-def closure_for(model, optimizer, x, y, calls):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        calls.append(loss.item())
-        return loss
-    return closure
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

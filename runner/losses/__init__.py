@@ -5,7 +5,9 @@ reduction="none")` gives the per-sample values (methods that select or reweight 
 gets what it needs to know about the task: `build(num_classes=..., **params)`.
 
 The objective shapes training only. Reported losses (train/loss, test/loss), landscapes and Hessians use
-`measured_loss`, plain mean cross-entropy, so numbers stay comparable across objectives.
+`measured_loss`, plain mean cross-entropy, so numbers stay comparable across objectives. The loop logs the
+objective's own value too (`train/objective`) unless the loss says it is `measured_loss` itself (an attribute
+`is_measured_loss = True`: plain cross-entropy without smoothing, at the default precision).
 """
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,6 @@ def in_loss_dtype(logits, dtype: str | None):
 def measured_loss(logits, targets, reduction: str = "mean"):
     """The loss we report everywhere: plain cross-entropy, in float32 (float64 for float64 runs)."""
     return F.cross_entropy(at_least_float32(logits), targets, reduction=reduction)
-
-
-def is_measured_loss(choice) -> bool:
-    """The loss option (a validated Choice) trains on exactly the reported loss: plain cross-entropy at its
-    defaults. Otherwise the loop logs the objective's own value too (`train/objective`)."""
-    return choice.name == "cross_entropy" and choice.params == type(choice.params)()
 
 
 from runner.losses import cross_entropy, stablemax  # noqa: E402,F401  (import registers the losses)

@@ -27,6 +27,7 @@ class CrossEntropy(nn.Module):
     def __init__(self, label_smoothing: float = 0.0, dtype: str | None = None):
         super().__init__()
         self.label_smoothing, self.dtype = label_smoothing, dtype
+        self.is_measured_loss = label_smoothing == 0 and dtype is None  # the reported loss: no train/objective
 
     def forward(self, logits, targets, reduction: str = "mean"):
         return F.cross_entropy(in_loss_dtype(logits, self.dtype), targets, label_smoothing=self.label_smoothing,

@@ -1,0 +1,24 @@
+"""The tiny float64 problem the optimizer oracle tests share: a 5-4-3 tanh MLP and 16 seeded samples, small enough
+that a hand-written step of the paper's rule runs next to the optimizer's in microseconds."""
+import torch
+import torch.nn as nn
+
+
+def tiny_problem():
+    """(model, x, y): float64, seeded; the same every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    return model, x, y
+
+
+def closure_for(model, optimizer, x, y, calls: list | None = None):
+    """torch's closure protocol on the full batch; appends each loss value to `calls` when given."""
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if calls is not None:
+            calls.append(loss.item())
+        return loss
+    return closure
