@@ -50,7 +50,7 @@ NON_IDENTITY_KEYS = tuple(
 #: Keys added after run folders existed, with the value that reproduces the behaviour from before: at that
 #: value they are left out of the signature, so older runs keep their folders (and reruns find them).
 ADDED_KEYS = {"trainer.steps": None, "trainer.eval_every_steps": None, "trainer.dtype": "float32",
-              "model.bias": True, "dataset.imbalance_ratio": None, "loss.dtype": None,
+              "model.bias": True, "model.embedding": None, "dataset.imbalance_ratio": None, "loss.dtype": None,
               # the SAM engine's options (issue 9): at their defaults, a SAM run keeps its folder
               "optimizer.weight_decay_in_loss": False, "optimizer.skip_nonfinite": True, "optimizer.m": None}
 

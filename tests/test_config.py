@@ -331,7 +331,7 @@ def test_cfg_hydra_shows_job_name_runner(tmp_path):
 @pytest.mark.parametrize("overrides, added", [
     (["+experiment=sam_cifar"], ["optimizer.weight_decay_in_loss", "optimizer.skip_nonfinite", "optimizer.m",
                                  "dataset.imbalance_ratio", "analysis"]),
-    ([], ["dataset.imbalance_ratio", "model.bias", "trainer.dtype", "loss.dtype", "analysis"]),
+    ([], ["dataset.imbalance_ratio", "model.bias", "model.embedding", "trainer.dtype", "loss.dtype", "analysis"]),
 ])
 def test_keys_added_later_keep_the_signature_of_runs_from_before(compose, overrides, added):
     """A config as it was before these keys existed has the signature a config with them at their defaults has:

@@ -92,6 +92,31 @@ def test_float64_runs_everything_in_float64(compose):
         TrainerConfig(dtype="float16")
 
 
+@pytest.mark.parametrize("name, expected", [
+    # Prieto et al. 2025, run_main_experiments.sh (figures 1 and 6) and utils.py's defaults (eps 1e-25, AdamW)
+    ("grok_orthograd", {"optimizer.name": "orthograd", "optimizer.base": "adamw", "optimizer.lr": 1e-2,
+                        "optimizer.betas": [0.9, 0.99], "optimizer.weight_decay": 0.0}),
+    ("grok_adamw", {"optimizer.name": "adamw", "optimizer.lr": 5e-3, "optimizer.betas": [0.9, 0.99],
+                    "optimizer.eps": 1e-25, "optimizer.weight_decay": 0.0}),
+    ("grok_stablemax", {"loss.name": "stablemax", "loss.dtype": "float64", "trainer.dtype": "float32",
+                        "optimizer.name": "adamw", "optimizer.lr": 1e-2, "optimizer.betas": [0.9, 0.999],
+                        "optimizer.eps": 1e-25, "optimizer.weight_decay": 0.0, "trainer.steps": 80000}),
+    ("grok_adamw_wd", {"optimizer.name": "adamw", "optimizer.weight_decay": 2.0}),
+])
+def test_presets_are_the_papers_settings(compose, name, expected):
+    """Each preset as the paper ran it: p = 113, fraction 0.4, the bias-free 200-200 MLP, full batch, float32
+    (no bf16 autocast on CUDA either), and its optimizer's and loss's settings."""
+    from runner.signature import flatten
+
+    resolved = flatten(validate(compose([f"+experiment={name}"])).resolved)
+    common = {"dataset.name": "modular_arithmetic", "dataset.p": 113, "dataset.train_fraction": 0.4,
+              "dataset.operation": "add", "dataset.batch_size": None, "model.name": "mlp",
+              "model.hidden": [200, 200], "model.bias": False, "trainer.precision": "fp32"}
+    for key, value in {**common, **expected}.items():
+        got = resolved[key]
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
+
+
 def test_grokking_experiments_run_from_the_cli(run_cli, tmp_path):
     """The four experiments, 4 steps each, in one sweep (one process: one torch import)."""
     names = ["grok_adamw", "grok_orthograd", "grok_stablemax", "grok_adamw_wd"]

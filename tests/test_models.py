@@ -125,6 +125,23 @@ def test_mlp_takes_any_input_the_task_declares():
     torch.testing.assert_close(on_tokens[1](on_tokens[0](tokens))[0], w[:, 0] + w[:, 7 + 6] + b)
 
 
+def test_mlp_embeds_tokens_when_asked_and_refuses_to_embed_anything_else():
+    """`model.embedding=d`: each token through a learned nn.Embedding(vocab, d), concatenated (the grokking
+    paper's --use_embedding); images and features cannot be embedded: a ConfigError naming the key."""
+    node = {"name": "mlp", "hidden": [8], "embedding": 5}
+    model = MODELS.validate(node).build(input=TokenInput(vocab=7, length=2), num_classes=7)
+    tokens = torch.tensor([[0, 6], [3, 3]])
+    table = model[0].embedding.weight
+    assert tuple(table.shape) == (7, 5) and model[1].in_features == 10
+    torch.testing.assert_close(model[0](tokens), torch.cat([table[tokens[:, 0]], table[tokens[:, 1]]], dim=1))
+    model(tokens).sum().backward()
+    assert table.grad[[0, 3, 6]].abs().sum() > 0 and table.grad[[1, 2, 4, 5]].abs().sum() == 0  # only seen rows
+    with pytest.raises(ConfigError, match="model.embedding"):
+        MODELS.validate(node).build(input=FeatureInput(13), num_classes=3)
+    with pytest.raises(ConfigError, match="embedding"):
+        MODELS.validate({"name": "mlp", "embedding": 0})
+
+
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_image_models_refuse_other_inputs(name):
     with pytest.raises(ConfigError, match="needs image input"):
