@@ -89,8 +89,8 @@ def compose(name: str, args, steps: int | None = None):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = hydra_compose("config", overrides=overrides)
-    if steps is not None:
-        cfg.trainer.steps = steps
+    if steps is not None:   # a timing block: one evaluation, at its end
+        cfg.trainer.steps = cfg.trainer.eval_every_steps = steps
     elif args.max_steps:
         cfg.trainer.steps = min(cfg.trainer.steps, args.max_steps)
     cfg.trainer.eval_every_steps = min(cfg.trainer.eval_every_steps, cfg.trainer.steps)
