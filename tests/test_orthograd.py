@@ -1,5 +1,5 @@
 """⊥Grad / OrthoGrad: against pytorch_optimizer.OrthoGrad (the paper's rule, float64) and a hand-written step;
-the SGD update is orthogonal to w; both config spellings; a CLI run on digits."""
+the SGD update is orthogonal to w; both config spellings (the CLI runs: tests/test_every_method.py)."""
 import copy
 
 import pytest
@@ -8,24 +8,7 @@ import torch.nn as nn
 
 from runner.optim import OPTIMIZERS, build_optimizer, capabilities
 from runner.optim.orthograd import OrthoGrad, orthogonalize_
-
-
-def tiny_problem(bias: bool = True):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3, bias=bias)).double()
-    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
-    return model, x, y
-
-
-def closure_for(model, optimizer, x, y, calls=None):
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        if calls is not None:
-            calls.append(loss.item())
-        return loss
-    return closure
+from tiny import closure_for, tiny_problem
 
 
 def adamw(groups, **kw):

@@ -4,10 +4,10 @@ import torch
 import torch.nn as nn
 
 
-def tiny_problem():
+def tiny_problem(bias: bool = True):
     """(model, x, y): float64, seeded; the same every call."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 4, bias=bias), nn.Tanh(), nn.Linear(4, 3, bias=bias)).double()
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
     return model, x, y
 
