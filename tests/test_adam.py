@@ -1,5 +1,5 @@
-"""Adam without weight decay against torch's Adam formula written out in float64 (eps added to sqrt(v_hat));
-no weight_decay field; as the base of SAM (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+"""Adam without weight decay against torch's Adam formula written out in float64 (eps added to sqrt(v_hat)); no
+weight_decay field; as the base of SAM (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
 import copy
 
 import pytest

@@ -1,6 +1,6 @@
-"""FAD (runner/optim/fad.py) against a hand-written float64 step from its equations (no reference code exists);
-its special cases (SAM, the base optimizer); the finite-difference estimate of grad ||g||; its pass count; both
-bases; BN statistics from the first pass only (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+"""FAD (runner/optim/fad.py) against a hand-written float64 step from its equations (no reference code exists); its
+special cases (SAM, the base optimizer); the finite-difference estimate of grad ||g||; its pass count; both bases;
+BN statistics from the first pass only (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """FriendlySAM (runner/optim/friendly_sam.py) against pytorch_optimizer.FriendlySAM and a hand-written float64 step
 (weight decay in the base or in the loss); its EMA through a checkpoint (weights_only); a non-finite pass does not
-poison the EMA; passes; both bases; BN statistics through the loop (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+poison the EMA; passes; both bases; BN statistics through the loop (its CLI runs on digits and the grokking task:
+tests/test_every_method.py)."""
 import copy
 import io
 

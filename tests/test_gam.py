@@ -1,5 +1,6 @@
-"""GAM (runner/optim/gam.py) against a hand-written float64 step from the accelerated algorithm's equations, in
-both beta conventions; its pass count; both bases; BN statistics from the first pass only (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+"""GAM (runner/optim/gam.py) against a hand-written float64 step from the accelerated algorithm's equations, in both
+beta conventions; its pass count; both bases; BN statistics from the first pass only (its CLI runs on digits and
+the grokking task: tests/test_every_method.py)."""
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
-"""Grams against a hand-written float64 step with the official release's epsilon placement (grams-pytorch 0.0.2:
-eps added to sqrt(v) of the uncorrected v, bias corrections in the step size), and pytorch_optimizer's Grams
-shown to differ from it only by where eps goes; as the base of SAM (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+"""Grams against a hand-written float64 step with the official release's epsilon placement (grams-pytorch 0.0.2: eps
+added to sqrt(v) of the uncorrected v, bias corrections in the step size), and pytorch_optimizer's Grams shown to
+differ from it only by where eps goes; as the base of SAM (its CLI runs on digits and the grokking task:
+tests/test_every_method.py)."""
 import copy
 import math
 

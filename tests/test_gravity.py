@@ -1,6 +1,7 @@
 """Gravity (runner/optim/gravity.py) in float64 against pytorch_optimizer's Gravity (same initial velocity: the same
 seeded draws), against a hand-written step from the paper's algorithm, the velocity's initialization, a zero
-gradient, a checkpoint resume, SAM over Gravity (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+gradient, a checkpoint resume, SAM over Gravity (its CLI runs on digits and the grokking task:
+tests/test_every_method.py)."""
 import copy
 
 import pytest

@@ -1,6 +1,7 @@
 """GSAM (runner/optim/gsam.py) against pytorch_optimizer.GSAM with its ProportionScheduler, a hand-written float64
 step from the paper's equations (weight decay in the base or in the loss), and a closed form on a quadratic; rho
-following the lr; a non-finite pass; passes; both bases; BN statistics through the loop (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+following the lr; a non-finite pass; passes; both bases; BN statistics through the loop (its CLI runs on digits
+and the grokking task: tests/test_every_method.py)."""
 
 import pytest
 import torch

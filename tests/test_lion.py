@@ -1,5 +1,6 @@
 """Lion against a hand-written float64 step of the official rule (google/automl lion_pytorch.py) and against
-pytorch_optimizer's Lion (identical to it: decoupled weight decay scaled by lr); as the base of SAM (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+pytorch_optimizer's Lion (identical to it: decoupled weight decay scaled by lr); as the base of SAM (its CLI runs
+on digits and the grokking task: tests/test_every_method.py)."""
 import copy
 import json
 

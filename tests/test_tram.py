@@ -1,5 +1,6 @@
-"""TRAM against a hand-written float64 step from the paper's equations (Algorithm 1; Eqs. 2, 4, 5, 7), its cost
-(2 forward+backward + 1 forward a step), the state a resume needs (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+"""TRAM against a hand-written float64 step from the paper's equations (Algorithm 1; Eqs. 2, 4, 5, 7), its cost (2
+forward+backward + 1 forward a step), the state a resume needs (its CLI runs on digits and the grokking task:
+tests/test_every_method.py)."""
 import copy
 import io
 

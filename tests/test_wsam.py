@@ -1,6 +1,7 @@
 """WSAM (runner/optim/wsam.py) against pytorch_optimizer.WSAM and a hand-written float64 step, decoupled and coupled,
 weight decay in the base or in the loss; gamma = 1/2 coupled is SAM; a skipped step skips the decoupled term too;
-passes; both bases; BN statistics through the loop (its CLI runs on digits and the grokking task: tests/test_every_method.py)."""
+passes; both bases; BN statistics through the loop (its CLI runs on digits and the grokking task:
+tests/test_every_method.py)."""
 
 import pytest
 import torch
