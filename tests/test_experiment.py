@@ -125,8 +125,9 @@ def test_kill_9_on_the_step_clock_resumes_to_the_identical_run(tmp_path):
     except ImportError:
         from conftest import cli_env
 
+    # focal loss: train/objective (the objective's own mean since the last record) crosses the checkpoint too
     args = ["dataset=breast_cancer", "dataset.batch_size=100", "trainer.steps=400", "trainer.eval_every_steps=7",
-            "model.hidden=[64,64]", "trainer.deterministic=true", "logger=none", "trainer.progress=false"]
+            "model.hidden=[64,64]", "loss=focal", "trainer.deterministic=true", "logger=none", "trainer.progress=false"]
     twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}")
     assert twin.returncode == 0, twin.stderr
     victim_dir = tmp_path / "victim"
@@ -147,6 +148,7 @@ def test_kill_9_on_the_step_clock_resumes_to_the_identical_run(tmp_path):
     read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
                       for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert read(victim_dir) == read(tmp_path / "twin")
+    assert all("train/objective" in record for record in read(victim_dir))
     summary = json.loads((victim_dir / "summary.json").read_text())
     assert summary["resumed_from_epoch"] >= 1 and summary["final"] == json.loads(
         (tmp_path / "twin" / "summary.json").read_text())["final"]
