@@ -8,8 +8,9 @@ training loss cannot reach float32's "softmax collapse" (probabilities of exactl
 
 Conventions: computed in float32 (float64 when the logits are float64), or in `dtype`: the paper's StableMax
 runs keep the model float32 and compute this loss in float64 (`--cross_entropy_dtype float64`), which is
-`loss.dtype=float64` here; the paper's s(x) adds 1e-30 to 1 - x, which changes nothing in float32 or float64; the negative branch is evaluated on min(x, 0) so that neither branch can produce inf or nan for the
-other's inputs (torch.where differentiates both). Reported losses stay plain softmax cross-entropy
+`loss.dtype=float64` here. The paper's s(x) adds 1e-30 to 1 - x, which changes nothing in float32 or float64.
+The negative branch is evaluated on min(x, 0) so that neither branch can produce inf or nan for the other's
+inputs (torch.where differentiates both). Reported losses stay plain softmax cross-entropy
 (runner/losses/__init__.py), so numbers compare across objectives.
 """
 from dataclasses import dataclass
