@@ -98,6 +98,8 @@ def compose(name: str, args, steps: int | None = None):
 
 
 class MemorySink:
+    """The loop's sink for a benchmark: records kept in memory, no checkpoints (they are not the timed work)."""
+
     def __init__(self):
         self.records = []
 
@@ -105,10 +107,10 @@ class MemorySink:
         self.records.append(record)
 
     def checkpoint(self) -> None:
-        pass
+        """No checkpoint is written: the benchmark never resumes."""
 
     def best(self) -> None:
-        pass
+        """No best checkpoint either."""
 
 
 def runner_run(cfg, device: torch.device) -> tuple[list[dict], float, object]:
