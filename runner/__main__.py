@@ -1,18 +1,25 @@
 """`python -m runner [overrides]`: check the command line, run the Hydra app, exit 1 if a sweep job failed."""
 import sys
 
-from runner.app import main, sweep_exit_code
-from runner.cli import preflight_all
-from runner.sweep import new_launch
+from runner.signals import install
 
 if __name__ == "__main__":
-    preflight_all(sys.argv[1:])
-    new_launch()
+    install()  # before the heavy imports: Ctrl-C or SIGTERM at any moment is one line, whatever was inherited
     try:
+        from runner.app import main, sweep_exit_code
+        from runner.cli import preflight_all
+        from runner.sweep import new_launch
+
+        preflight_all(sys.argv[1:])
+        new_launch()
         main()
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run is recorded `interrupted`; one line, not a traceback
-        signal_name = str(e) or "Ctrl-C"
-        print(f"interrupted ({signal_name}): the run is recorded as interrupted; the same command resumes it",
-              file=sys.stderr)
-        sys.exit(143 if signal_name == "SIGTERM" else 130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what was recorded, not a traceback
+        from runner.signals import ignore
+
+        ignore()  # we are stopping: a second signal (an impatient Ctrl-C) does not cut the line short
+        from runner.app import interrupted
+
+        line, code = interrupted(e, sys.argv[1:])
+        print(line, file=sys.stderr)
+        sys.exit(code)
     sys.exit(sweep_exit_code(sys.argv[1:]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -33,11 +34,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                                         "when available, else the CPU)")
     parser.add_argument("--force", action="store_true", help="redo analyses already done with the same settings")
     args = parser.parse_args(argv)
-    args.overrides = [t for t in args.targets if "=" in t]
-    args.targets = [t for t in args.targets if "=" not in t]
+    args.overrides = [t for t in args.targets if is_override(t)]
+    args.targets = [t for t in args.targets if not is_override(t)]
     if not args.targets:
         parser.error("name at least one run directory (or a glob)")
     return args
+
+
+OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][A-Za-z0-9_.]*=.*", re.DOTALL)
+
+
+def is_override(argument: str) -> bool:
+    """`analysis.x=1` is an override; `multirun/x/<sig>/seed=0` (a sweep's run folder: its name holds `=`), an
+    existing path or a glob that matches something are targets. Keys are dotted names, paths have a `/`."""
+    if Path(argument).exists() or (any(ch in argument for ch in "*?[") and glob.glob(argument, recursive=True)):
+        return False
+    return OVERRIDE.fullmatch(argument) is not None
 
 
 def compose_plan(overrides: list[str]):
@@ -164,8 +176,8 @@ def check_inputs(plan, runs: list[Path]) -> dict[Path, dict]:
 
 
 def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int:
+    from runner.analysis import outcome_line
     from runner.experiment import load_run
-    from runner.rundir import ANALYSIS
     from runner.run import analyze_with_dashboard
 
     from runner.rundir import RunDir
@@ -188,8 +200,7 @@ def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int
             metrics, errors = done["analysis"], done["analysis_errors"]
         finally:
             lock.release()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{run_dir}: step {progress.step}: {shown or 'done'} -> {run_dir / ANALYSIS}", file=sys.stderr)
+        print(outcome_line(run_dir, progress.step, metrics), file=sys.stderr)
         for name, error in errors.items():
             failures += 1
             print(f"{run_dir}: analysis {name} failed: {error} (traceback in {run_dir / 'runner.log'})",
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             resolve_device(args.device)
     except ConfigError as e:
         fail(str(e))
-    from runner.run import sigterm_as_interrupt
+    from runner.signals import sigterm_as_interrupt
 
     with sigterm_as_interrupt():  # SIGTERM like Ctrl-C: one line, exit 143; finished analyses stay, none half-written
         failures = analyze_runs(plan, runs, args.device, args.force)
@@ -219,10 +230,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from runner.signals import exit_code, ignore, install, signal_name
+
+    install()  # Ctrl-C works even when the shell started us with SIGINT ignored (`nohup ... &`)
     try:
         sys.exit(main())
     except KeyboardInterrupt as e:
-        sigterm = str(e) == "SIGTERM"
-        print(f"interrupted ({'SIGTERM' if sigterm else 'Ctrl-C'}): analyses finished before it are kept; the same "
-              "command does the rest", file=sys.stderr)
-        sys.exit(143 if sigterm else 130)
+        ignore()
+        print(f"interrupted ({signal_name(e)}): analyses finished before it are kept; the same command does the rest",
+              file=sys.stderr)
+        sys.exit(exit_code(e))

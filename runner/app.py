@@ -19,6 +19,7 @@ from runner.config import ConfigError
 from runner.sweep import record_job, register_resolvers, tally
 
 log = logging.getLogger("runner")
+JOB_NAME = "runner"  # hydra.job.name in conf/config.yaml: names the run's log file
 register_resolvers()
 
 
@@ -53,7 +54,8 @@ def task(cfg: DictConfig) -> str:
         if summary.get("analysis_errors"):
             status = "failed"
             log.error("%s", analysis_failure(summary, run_dir))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the sweep stops here; this job is counted, and a folder it only began is removed
+        record_job(sweep_dir, run_dir, "interrupted" if not remove_failed_start(run_dir) else "not started")
         raise
     except RunBusy as e:
         status = "busy"
@@ -73,14 +75,18 @@ def task(cfg: DictConfig) -> str:
 
 
 def outcome(summary: dict, run_dir: Path) -> str:
-    """The line a run ends with: status, the headline metric, where it is."""
+    """The line a run ends with: status, the headline metric, where it is; then, when it was analysed, the line
+    `python -m runner.analyze` prints (the analyses' numbers)."""
+    from runner.analysis import outcome_line
+
     status = f"already {summary['status']}" if summary.get("skipped") else summary["status"]
     final = summary.get("final") or {}
     shown = [f"{k}={final[k]:.4g}" for k in ("test/acc", "test/loss", "train/loss")
              if isinstance(final.get(k), float)][:2]
     done = sorted({key.split("/")[0] for key in summary.get("analysis") or {}})
     analysed = f" (analysis: {', '.join(done)} in {run_dir / 'analysis'})" if done else ""
-    return f"{status}: {' '.join(shown) or 'no metrics'} -> {run_dir}{analysed}"
+    numbers = f"\n{outcome_line(run_dir, summary.get('steps'), summary['analysis'])}" if summary.get("analysis") else ""
+    return f"{status}: {' '.join(shown) or 'no metrics'} -> {run_dir}{analysed}{numbers}"
 
 
 def analysis_failure(summary: dict, run_dir: Path) -> str:
@@ -107,11 +113,11 @@ def link_readable_name(run_dir: Path, override_dirname: str) -> None:
         pass
 
 
-def remove_failed_start(run_dir: Path) -> None:
-    """Delete the folder of a run that failed before training, but only when it holds nothing except what this
-    start put there (Hydra's .hydra/ and log, the run lock): `hydra.run.dir` may name a folder with the user's
-    files in it (even `.`), and those must survive a typo on the command line."""
-    ours = {".hydra", f"{HydraConfig.get().job.name}.log", ".lock"}
+def remove_failed_start(run_dir: Path) -> bool:
+    """Delete the folder of a run that failed (or was interrupted) before training, but only when it holds nothing
+    except what this start put there (Hydra's .hydra/ and log, the run lock): `hydra.run.dir` may name a folder with
+    the user's files in it (even `.`), and those must survive a typo on the command line. True if removed."""
+    ours = {".hydra", f"{JOB_NAME}.log", ".lock"}
     if run_dir.is_dir() and all(p.name in ours for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
         outputs = Path.cwd() / "outputs"  # the default layout outputs/<date>/<time>: drop what is left empty
@@ -121,9 +127,42 @@ def remove_failed_start(run_dir: Path) -> None:
                     parent.rmdir()
                 except OSError:
                     break
+        return True
+    return False
 
 
 main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)
+
+
+def interrupted(error: BaseException, argv: list[str]) -> tuple[str, int]:
+    """The one line and exit code for Ctrl-C or SIGTERM, true to what was left on disk whenever it arrived:
+    during start-up (nothing recorded; a folder holding only what the start made is removed), during a run (its
+    summary.json says `interrupted`), or while a finished or interrupted run was being resumed or analysed (its
+    record is as it was). A sweep adds the tally of its jobs."""
+    from runner.rundir import RunDir
+    from runner.signals import exit_code, signal_name
+    from runner.sweep import started_run_dir
+
+    head = f"interrupted ({signal_name(error)})"
+    if any(a in ("-m", "--multirun") for a in argv):
+        outcome = tally(multirun=True)
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome[0].items())) if outcome else ""
+        done = f"; jobs so far: {counts}" if counts else "; no job had started"
+        return f"{head}: the sweep stopped{done}; the same command skips finished runs and resumes the rest", \
+            exit_code(error)
+    run_dir = Path(started_run_dir[0]) if started_run_dir else None
+    if run_dir is None or not run_dir.is_dir():
+        return f"{head} before the run started: nothing was recorded", exit_code(error)
+    if remove_failed_start(run_dir):
+        return f"{head} before training started: nothing was recorded ({run_dir} removed)", exit_code(error)
+    status = (RunDir(run_dir, create=False).read_summary() or {}).get("status")
+    if status == "interrupted":
+        return f"{head}: the run is recorded as interrupted in {run_dir}; the same command resumes it", \
+            exit_code(error)
+    if status in ("completed", "diverged"):  # the record was written just before the signal arrived
+        return f"{head}: the record in {run_dir} says {status}; the same command does what was left", exit_code(error)
+    kept = f"status {status}" if status else "no summary yet; its checkpoints are kept"
+    return f"{head}: {run_dir} is as it was ({kept}); the same command resumes it", exit_code(error)
 
 
 def sweep_exit_code(argv: list[str]) -> int:

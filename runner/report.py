@@ -1,12 +1,15 @@
 """Aggregate a sweep of runs into a table and figures: mean ± std and 95% CI over seeds, per experiment.
 
-    python -m runner.report <dir> [<dir> ...] [--metric test/acc] [--columns ...]
+    python -m runner.report <dir> [<dir> ...] [--metric test/acc] [--columns ...] [--label KEY,...]
                             [--format markdown|csv] [--out DIR] [--no-figures]
 
 Every folder under the given dirs that holds `summary.json` or `.hydra/config.yaml` is a run. Runs are grouped
 by their signature (config without seed, paths, device, logging; see `runner.signature`), so seeds of one
 experiment are averaged and different experiments never are. Only COMPLETED runs enter the statistics;
-diverged, failed and unfinished runs are counted, which makes the report useful while a sweep still runs.
+diverged, failed and unfinished runs are counted, which makes the report useful while a sweep still runs; a run
+whose summary.json cannot be read (not JSON, or fields of the wrong type) is counted as other and named on stderr.
+Each group is labelled by the fewest config keys that tell the groups apart (`experiment=... optimizer.name=sam
+optimizer.rho=0.05`), with the values the run used (a wrapper's lr is its base optimizer's), or by `--label`.
 Each (signature, seed) counts once: copies of a run (a run folder copied, a sweep given twice) are left out,
 with a line on stderr, so they never pass for more seeds.
 
@@ -19,26 +22,30 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import errno
 import io
 import json
 import math
 import os
 import sys
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import scipy.stats
 
-from runner.rundir import ANALYSIS, CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml
+from runner.rundir import (ANALYSIS, CONFIG, METRICS, SUMMARY, is_run_dir, read_json, read_jsonl, read_yaml,
+                           summary_problem)
 from runner.signature import flatten, group_config, signature
 
-#: Columns of run counts; anything else (running: no summary yet) counts as "other". `interrupted` is Ctrl-C,
-#: SIGTERM or a preempted/timed-out SLURM job waiting to be requeued; `cancelled` a job SLURM ended (scancel).
+#: Columns of run counts; anything else (running: no summary yet; a summary.json that cannot be read) counts as
+#: "other". `interrupted` is Ctrl-C, SIGTERM or a preempted/timed-out SLURM job waiting to be requeued;
+#: `cancelled` a job SLURM ended (scancel).
 STATUSES = ("completed", "diverged", "failed", "interrupted", "cancelled")
 
 
@@ -84,16 +91,33 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class Run:
-    """One run directory: its resolved config, its summary (None while it runs) and its signature."""
+    """One run directory: its resolved config, its summary (None while it runs) and its signature.
+
+    `unreadable` says why a summary.json that is there cannot be read (not JSON, or JSON whose fields have the
+    wrong types, e.g. `"final": [...]`); such a run has no summary: it is counted (as "other"), never averaged.
+    """
 
     path: Path
     config: dict
     summary: dict | None
+    unreadable: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> "Run":
         """Read a run directory; a run without `.hydra/config.yaml` has an empty config."""
-        return cls(path, read_yaml(path / CONFIG) or {}, read_json(path / SUMMARY))
+        config = read_yaml(path / CONFIG) or {}
+        try:
+            text = (path / SUMMARY).read_text()
+        except FileNotFoundError:
+            return cls(path, config, None)
+        except OSError as err:
+            return cls(path, config, None, f"{SUMMARY}: {err.strerror or err}")
+        try:
+            summary = json.loads(text)
+        except ValueError:
+            return cls(path, config, None, f"{SUMMARY} is not JSON (torn or corrupt)")
+        problem = summary_problem(summary)
+        return cls(path, config, None, f"{SUMMARY}: {problem}") if problem else cls(path, config, summary)
 
     @cached_property
     def signature(self) -> str:
@@ -103,7 +127,10 @@ class Run:
 
     @property
     def status(self) -> str:
-        """`completed`, `diverged`, `failed`, `interrupted`, ... or `running` while there is no summary."""
+        """`completed`, `diverged`, `failed`, `interrupted`, ... or `running` while there is no summary
+        (`unreadable` when its summary.json cannot be read)."""
+        if self.unreadable is not None:
+            return "unreadable"
         if self.summary is None:
             return "running"
         return str(self.summary.get("status") or "running")
@@ -125,7 +152,8 @@ class Run:
         """`<name>/<key>` -> value from every analysis/<name>.json of the run."""
         out = {}
         for path in sorted((self.path / ANALYSIS).glob("*.json")):
-            out.update({k: v for k, v in ((read_json(path) or {}).get("scalars") or {}).items() if _is_number(v)})
+            scalars = (read_json(path) or {}).get("scalars")
+            out.update({k: v for k, v in scalars.items() if _is_number(v)} if isinstance(scalars, dict) else {})
         return out
 
     @cached_property
@@ -236,36 +264,113 @@ def _walk_run_dirs(root: Path) -> Iterable[Path]:
 
 @dataclass
 class Group:
-    """The runs of one experiment (one signature), i.e. its seeds, with a human-readable label."""
+    """The runs of one experiment (one signature), i.e. its seeds, with a human-readable label.
+
+    `config` is the group config as saved (`runner.signature.group_config`), `effective` the same with the values
+    the run used where the saved config says otherwise (`effective_config`): the label reads `effective`.
+    """
 
     signature: str
     runs: list[Run]
     label: str = ""
     config: dict = field(default_factory=dict)
+    effective: dict = field(default_factory=dict)
 
     @property
     def completed(self) -> list[Run]:
         return [r for r in self.runs if r.completed]
 
     def counts(self) -> dict[str, int]:
-        """Number of runs per status: completed, diverged, failed, interrupted, cancelled and other (running)."""
+        """Number of runs per status: completed, diverged, failed, interrupted, cancelled and other (running, or
+        a summary.json that cannot be read)."""
         by_status = Counter(r.status for r in self.runs)
         counts = {s: by_status.pop(s, 0) for s in STATUSES}
         counts["other"] = sum(by_status.values())
         return counts
 
 
-def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Runs grouped by signature, in order of first appearance, labelled by what tells the groups apart."""
+def group_runs(runs: Sequence[Run], label_keys: Sequence[str] | None = None) -> list[Group]:
+    """Runs grouped by signature, in order of first appearance, labelled by what tells the groups apart (or by
+    `label_keys`, see `label_keys_of`)."""
     groups: dict[str, Group] = {}
     for run in runs:
         if run.signature not in groups:
-            groups[run.signature] = Group(run.signature, [], config=group_config(run.config))
+            config = group_config(run.config)
+            groups[run.signature] = Group(run.signature, [], config=config, effective=effective_config(config))
         groups[run.signature].runs.append(run)
     result = list(groups.values())
-    for group, label in zip(result, _labels(result)):
+    for group, label in zip(result, _labels(result, label_keys)):
         group.label = label
     return result
+
+
+# ---------------------------------------------------------------------------------------- effective config
+
+def effective_config(config: Mapping) -> dict:
+    """`config` with the values the run used where the saved config says otherwise: a wrapper optimizer's (SAM
+    and kin) shared hyperparameters (`runner.optim.SHARED`: lr, momentum, nesterov, betas, eps, weight_decay) are
+    the ones its base optimizer took, and those its base does not take are left out.
+
+    The saved config is what Hydra composed, and the signature hashes it, so it stays as it is. It can mislead:
+    `optimizer=sam 'optimizer.base={name: lion, lr: 1e-4}'` saves sam's `lr: 0.05`, which no optimizer uses (lion
+    steps with 1e-4); lion takes sam's `weight_decay` and `betas` (its node does not set them: the flat/nested rule
+    of runner.optim, `Wraps.validate_nested`, which this mirrors), not `momentum`. Effective: `optimizer.name=sam
+    optimizer.base=lion optimizer.lr=0.0001 optimizer.weight_decay=0.0005 optimizer.betas=[0.9,0.999] ...`. A
+    shared key neither sets is the base's default (`eps` of adamw under sam). A base node's own other keys stay
+    under `optimizer.base` (`{name: gravity, alpha: ...}`). A config this cannot read (an optimizer name this
+    code does not know) is returned as it is.
+    """
+    out = dict(config)
+    if isinstance(out.get("optimizer"), Mapping):
+        out["optimizer"] = _effective_optimizer(out["optimizer"])
+    return out
+
+
+def _optimizer_schema(node: Any) -> type | None:
+    """The schema dataclass of the optimizer named by `node` (a mapping with a known `name`), else None."""
+    from runner.optim import OPTIMIZERS
+
+    name = node.get("name") if isinstance(node, Mapping) else None
+    return OPTIMIZERS.get(name).schema if isinstance(name, str) and name in OPTIMIZERS else None
+
+
+def _schema_defaults(schema: type) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _effective_optimizer(node: Mapping) -> Mapping:
+    """One optimizer node as its optimizer runs it (see `effective_config`); a wrapper's base may be a wrapper."""
+    from runner.optim import SHARED, Wraps
+
+    schema = _optimizer_schema(node)
+    if schema is None or not issubclass(schema, Wraps):
+        return node
+    own = {**_schema_defaults(schema), **node}  # what the validated wrapper holds
+    base = own["base"]
+    base_node = {"name": base} if isinstance(base, str) else dict(base) if isinstance(base, Mapping) else None
+    base_schema = _optimizer_schema(base_node)
+    if base_schema is None:
+        return node
+    takes = _schema_defaults(base_schema)
+    for key in SHARED:  # what the base's node does not set, it takes from the wrapper, else its own default
+        if key in takes and key not in base_node:
+            base_node[key] = own[key] if key in own else takes[key]
+    base_node = dict(_effective_optimizer(base_node))
+    lifted = {key: base_node.pop(key) for key in SHARED if key in base_node}
+    out = {k: v for k, v in node.items() if k not in SHARED and k != "base"}
+    out["base"] = base_node["name"] if list(base_node) == ["name"] else base_node
+    return {**out, **lifted}
+
+
+# -------------------------------------------------------------------------------------------------- labels
+
+_MISSING = object()
 
 
 def _format_value(value: Any) -> str:
@@ -275,48 +380,133 @@ def _format_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-def _labels(groups: Sequence[Group]) -> list[str]:
-    """`key=value ...` per group: the flattened keys of its config whose values differ between groups.
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=repr)
 
-    A key that every group has is compared over all groups. A key that only some groups have and that lies
-    under an option whose `.name` differs (`optimizer.rho` of sam beside sgd) is compared only among the
-    groups with the same option names: `optimizer=sgd` beside `optimizer=sam optimizer.rho=0.02,0.05` reads
-    `optimizer.name=sgd`, `optimizer.name=sam optimizer.rho=0.02`, `optimizer.name=sam optimizer.rho=0.05`.
+
+def _tier(key: str) -> int:
+    """The order in which keys are tried for labels: the experiment (a preset names many keys at once), then the
+    options chosen (`model.name`, `optimizer.name`, a wrapper's `optimizer.base`), then values."""
+    if key == "experiment":
+        return 0
+    return 1 if key.rsplit(".", 1)[-1] in ("name", "base") else 2
+
+
+def distinguishing_keys(flat: Sequence[Mapping]) -> list[str]:
+    """A small set of keys of the flattened configs `flat` whose values tell every two of them apart, as far as
+    any key does (greedy set cover over the pairs: the key that tells the most pairs still alike apart, the
+    experiment and the option names `*.name` before other values).
+
+    A key tells two configs apart when both have it with different values; only where no such key is left, also
+    when one has it and the other does not (e.g. `trainer.steps` beside runs from before it existed). Like Hydra's
+    `override_dirname` and Dora's names, which show only what a run changed, a label then holds what differs,
+    not every key that differs anywhere (`optimizer.lr` of sgd beside adamw is not needed: the names differ).
+    """
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    values = [{k: _canonical(v) for k, v in f.items()} for f in flat]
+    alike = {(i, j) for i in range(len(flat)) for j in range(i + 1, len(flat)) if values[i] != values[j]}
+    chosen: list[str] = []
+    for presence in (False, True):
+        while alike:
+            best: tuple | None = None
+            for order, key in enumerate(keys):
+                if key in chosen:
+                    continue
+                apart = set()
+                for i, j in alike:
+                    a, b = values[i].get(key, _MISSING), values[j].get(key, _MISSING)
+                    if a is _MISSING or b is _MISSING:
+                        if presence and a is not b:
+                            apart.add((i, j))
+                    elif a != b:
+                        apart.add((i, j))
+                if apart and (best is None or (_tier(key), -len(apart), order) < best[0]):
+                    best = ((_tier(key), -len(apart), order), key, apart)
+            if best is None:
+                break
+            chosen.append(best[1])
+            alike -= best[2]
+    return chosen
+
+
+def label_keys_of(groups: Sequence[Group], requested: Sequence[str]) -> list[str]:
+    """The keys named by `--label` (comma/space separated): flattened keys of the groups' effective configs
+    (`optimizer.rho`), or a group's name for its option (`optimizer` for `optimizer.name`). ReportError for a
+    key no group has."""
+    flat = [flatten(g.effective) for g in groups]
+    present = set().union(*flat) if flat else set()
+    names = [n for item in requested for n in item.replace(",", " ").split()]
+    if not names:
+        raise ReportError("--label needs at least one key, e.g. --label optimizer.name,optimizer.lr")
+    keys = [n if n in present or f"{n}.name" not in present else f"{n}.name" for n in names]
+    unknown = [n for n, k in zip(names, keys) if k not in present]
+    if unknown:
+        differing = [k for k in dict.fromkeys(k for f in flat for k in f)
+                     if len({_canonical(f.get(k, None)) for f in flat}) > 1]
+        raise ReportError(f"unknown label key(s) {', '.join(unknown)}; "
+                          + (f"keys that differ between the groups: {', '.join(differing)}" if differing else
+                             f"the groups have the same config; keys: {', '.join(sorted(present))}"))
+    return list(dict.fromkeys(keys))
+
+
+def _labels(groups: Sequence[Group], label_keys: Sequence[str] | None = None) -> list[str]:
+    """`key=value ...` per group, from its effective config (`effective_config`).
+
+    With `label_keys` (`--label`): those keys, in that order (a key a group lacks is left out). Else the keys of
+    `distinguishing_keys`, in config order, the experiment and option names first. A key that every group has
+    is shown wherever it was chosen; one that only some groups have and that lies under an option whose `.name`
+    differs (`optimizer.rho` of sam beside sgd) is shown only where it differs among the groups with the same
+    options: `optimizer=sgd` beside `optimizer=sam optimizer.rho=0.02,0.05` reads `optimizer.name=sgd`,
+    `optimizer.name=sam optimizer.rho=0.02`, `optimizer.name=sam optimizer.rho=0.05`.
 
     A single group is labelled by its experiment name, else by the `*.name` keys of its config. A label that
     would be empty (or repeat another) gets the signature appended, so labels always tell groups apart.
     """
-    flat = [flatten(g.config) for g in groups]
-    if len(groups) == 1:
-        experiment = groups[0].config.get("experiment")
+    flat = [flatten(g.effective) for g in groups]
+    if label_keys is not None:
+        keys = label_keys_of(groups, label_keys)
+        labels = [" ".join(f"{k}={_format_value(f[k])}" for k in keys if k in f) for f in flat]
+    elif len(groups) == 1:
+        experiment = groups[0].effective.get("experiment")
         if experiment is not None:
             return [str(experiment)]
         names = [f"{k}={_format_value(v)}" for k, v in flat[0].items() if k.endswith(".name")]
         return [" ".join(names) or groups[0].signature]
-    missing = object()
-
-    def differs(key: str, among: Sequence[dict]) -> bool:
-        return len({json.dumps(f.get(key, missing), default=repr) for f in among}) > 1
-
-    keys = list(dict.fromkeys(k for f in flat for k in f))
-    differing = [k for k in keys if differs(k, flat)]
-    options = [k.removesuffix("name") for k in differing if k.endswith(".name")]  # e.g. "optimizer."
-
-    def peers(f: dict, key: str) -> list[dict]:
-        """The groups that compare with `f` on `key`: all if every group has it, else those choosing the
-        same options (`*.name`) above `key` as `f`."""
-        if all(key in g for g in flat):
-            return flat
-        above = [o + "name" for o in options if key.startswith(o) and key != o + "name"]
-        return [g for g in flat if all(g.get(n, missing) == f.get(n, missing) for n in above)]
-
-    labels = [" ".join(f"{k}={_format_value(f[k])}" for k in differing if k in f and differs(k, peers(f, k)))
-              for f in flat]
+    else:
+        labels = _distinguishing_labels(flat)
     repeated = Counter(labels)
     return [
         f"{label} [{g.signature}]".strip() if not label or repeated[label] > 1 else label
         for label, g in zip(labels, groups)
     ]
+
+
+def _distinguishing_labels(flat: Sequence[dict]) -> list[str]:
+    """The labels of several groups by their `distinguishing_keys` (see `_labels`)."""
+    order = list(dict.fromkeys(k for f in flat for k in f))
+    tops = list(dict.fromkeys(k.split(".", 1)[0] for k in order))
+
+    def place(key: str) -> tuple:
+        """experiment first, then by group in config order, the options chosen (name, base) before values."""
+        return key != "experiment", tops.index(key.split(".", 1)[0]), _tier(key), order.index(key)
+
+    chosen = sorted(distinguishing_keys(flat), key=place)
+
+    def differs(key: str, among: Sequence[dict]) -> bool:
+        return len({_canonical(f[key]) if key in f else None for f in among}) > 1
+
+    options = [k.removesuffix("name") for k in order if k.endswith(".name") and differs(k, flat)]  # "optimizer."
+
+    def peers(f: dict, key: str) -> list[dict]:
+        """The groups that compare with `f` on `key`: all if every group has it, else those choosing the
+        same options (`*.name`) above `key` as `f`."""
+        if all(key in g for g in flat):
+            return list(flat)
+        above = [o + "name" for o in options if key.startswith(o) and key != o + "name"]
+        return [g for g in flat if all(g.get(n, _MISSING) == f.get(n, _MISSING) for n in above)]
+
+    return [" ".join(f"{k}={_format_value(f[k])}" for k in chosen if k in f and differs(k, peers(f, k)))
+            for f in flat]
 
 
 # -------------------------------------------------------------------------------------------------- summary
@@ -484,6 +674,17 @@ def _pyplot():
     return plt
 
 
+#: Characters per line of a group's label in the figures: longer labels are wrapped at spaces (between
+#: `key=value` items), so a label never runs past the figure (nor makes matplotlib's tight layout give up).
+LABEL_WIDTH = 48
+
+
+def _wrap(label: str, width: int = LABEL_WIDTH) -> str:
+    """`label` on lines of at most `width` characters, broken between its `key=value` items (inside an item only
+    where one item is longer than a line)."""
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
 def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
     """`metric` vs epoch per group: mean over completed seeds with a ±std band, one color per group."""
     plt = _pyplot()
@@ -495,7 +696,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
         if len(epochs) == 0:
             continue
         color = colors(i % 10)
-        ax.plot(epochs, mean, color=color, label=f"{group.label} (n={len(group.completed)})")
+        ax.plot(epochs, mean, color=color, label=_wrap(f"{group.label} (n={len(group.completed)})"))
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         drawn = True
     if not drawn:
@@ -510,37 +711,75 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
 
 
 def _legend_below(fig, ax) -> None:
-    """The legend under the axes, never over the curves or points (group labels can be long)."""
+    """The legend under the axes, never over the curves or points (group labels can be long: wrapped, they
+    take one column)."""
     handles, labels = ax.get_legend_handles_labels()
     if labels:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize="small",
-                   ncol=1 if max(map(len, labels)) > 60 else 2, frameon=False)
+                   ncol=1 if any("\n" in label or len(label) > 40 for label in labels) else 2, frameon=False)
+
+
+def unit_interval(metric: str, values: Iterable[float]) -> bool:
+    """Whether `metric` is an accuracy (`acc` in its last part: test/acc, balanced_acc) whose values all lie in
+    [0, 1]: then no interval around its mean reaches beyond [0, 1]."""
+    values = list(values)
+    return "acc" in metric.rsplit("/", 1)[-1] and bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def ci_interval(stat: Stat, bounded: bool = False) -> tuple[float, float] | None:
+    """`(low, high)` of the 95% CI around the mean (None below two values), clipped to [0, 1] when `bounded`:
+    with few seeds the Student-t interval of an accuracy near 1 reaches past 1, where no accuracy lies."""
+    if stat.mean is None or stat.ci95 is None:
+        return None
+    low, high = stat.mean - stat.ci95, stat.mean + stat.ci95
+    return (max(low, 0.0), min(high, 1.0)) if bounded else (low, high)
+
+
+def bars_figure(groups: Sequence[Group], rows: Sequence[dict], metric: str):
+    """The figure of `plot_bars` (the caller saves and closes it)."""
+    plt = _pyplot()
+    stats = [row[f"final_{metric}"] for row in rows]
+    seeds = [_final_values(group.completed, metric) for group in groups]
+    bounded = unit_interval(metric, [v for values in seeds for v in values])
+    labels = [_wrap(g.label) for g in groups]
+    lines = max([label.count("\n") + 1 for label in labels] or [1])
+    fig, ax = plt.subplots(figsize=(8, 1.5 + max(0.5, 0.18 * lines + 0.1) * len(rows)))
+    colors = plt.get_cmap("tab10")
+    for i, (values, s) in enumerate(zip(seeds, stats)):
+        color = colors(i % 10)
+        ax.scatter(values, np.full(len(values), i + 0.18), s=12, color=color, alpha=0.6)
+        if s.mean is None:
+            ax.annotate("n=0: no completed run", (0.01, i), xycoords=("axes fraction", "data"), va="center",
+                        fontsize="small", color="0.4")
+            continue
+        interval = ci_interval(s, bounded)
+        low, high = interval if interval is not None else (s.mean, s.mean)
+        ax.errorbar(s.mean, i, xerr=[[s.mean - low], [high - s.mean]], fmt="o", capsize=4, color=color)
+        note = f"n={s.n}" if interval is not None else f"n={s.n}, no CI"
+        ax.annotate(f"{_num(s.mean)} ({note})", (high, i), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize="small")
+    ax.set_yticks(np.arange(len(rows)), labels, fontsize="small")
+    ax.invert_yaxis()  # first group on top, as in the table
+    clipped = ", clipped to [0, 1]" if bounded else ""
+    ax.set(xlabel=f"final {metric}", title=f"final {metric}: seeds, mean and 95% CI (Student t{clipped})")
+    ax.margins(x=0.15, y=0.3)
+    ax.grid(axis="x", alpha=0.3)
+    if bounded:
+        low, high = ax.get_xlim()
+        ax.set_xlim(max(low, -0.02), min(high, 1.02) if high > 1.0 else high)
+    fig.tight_layout()
+    return fig
 
 
 def plot_bars(groups: Sequence[Group], rows: Sequence[dict], metric: str, path: Path) -> None:
-    """Final `metric` per group: every completed seed as a dot, the mean with its 95% CI as an error bar.
+    """Final `metric` per group: every completed seed as a dot, the mean with its 95% CI as an error bar (an
+    accuracy's clipped to [0, 1]) and the number of seeds n beside it.
 
     The axis is zoomed to the data (bars from 0 would hide differences of a few tenths of a point).
     """
-    plt = _pyplot()
-    stats = [row[f"final_{metric}"] for row in rows]
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(rows)))
-    colors = plt.get_cmap("tab10")
-    for i, (group, s) in enumerate(zip(groups, stats)):
-        seeds = _final_values(group.completed, metric)
-        ax.scatter(seeds, np.full(len(seeds), i + 0.18), s=12, color=colors(i % 10), alpha=0.6)
-        if s.mean is not None:
-            ax.errorbar(s.mean, i, xerr=s.ci95 or 0.0, fmt="o", capsize=4, color=colors(i % 10))
-            ax.annotate(_num(s.mean), (s.mean + (s.ci95 or 0.0), i), xytext=(4, 0), textcoords="offset points",
-                        va="center", fontsize="small")
-    ax.set_yticks(np.arange(len(rows)), [f"{g.label} (n={s.n})" for g, s in zip(groups, stats)], fontsize="small")
-    ax.invert_yaxis()  # first group on top, as in the table
-    ax.set(xlabel=f"final {metric}", title=f"final {metric}: seeds, mean and 95% CI")
-    ax.margins(x=0.15, y=0.3)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig = bars_figure(groups, rows, metric)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_cost(groups: Sequence[Group], metric: str, path: Path) -> None:
@@ -559,7 +798,7 @@ def plot_cost(groups: Sequence[Group], metric: str, path: Path) -> None:
             continue
         passes, wall, value = (np.asarray(v, dtype=float) for v in zip(*points))
         style = dict(color=colors(i % 10), marker=markers[(i // 10) % len(markers)], alpha=0.8)
-        axes[0].scatter(passes, value, label=f"{group.label} (n={len(points)})", **style)
+        axes[0].scatter(passes, value, label=_wrap(f"{group.label} (n={len(points)})"), **style)
         axes[1].scatter(wall, value, **style)
         drawn = True
     axes[0].set(xlabel="forward+backward passes (batches)", ylabel=f"final {metric}")
@@ -632,6 +871,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown", help="stdout format")
     parser.add_argument("--out", type=Path, help="output folder (default: <first dir>/report/)")
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument("--label", metavar="KEY,...",
+                        help="label the groups by these config keys (e.g. optimizer.name,optimizer.lr; `optimizer` "
+                             "is short for optimizer.name); default: the fewest keys that tell the groups apart")
     return parser.parse_args(argv)
 
 
@@ -642,7 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs, duplicates = drop_duplicates(find_runs(args.dirs))
         check_metric(runs, args.metric)
-        groups = group_runs(runs)
+        groups = group_runs(runs, None if args.label is None else [args.label])
         rows = summarize(groups, args.metric)
         columns = select_columns(rows, args.columns, args.metric)
         prepare_out(out)
@@ -652,6 +894,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if duplicates:
         print(f"report: {len(duplicates)} duplicate runs of the same (config, seed) left out: "
               + ", ".join(str(r.path) for r in duplicates), file=sys.stderr)
+    unreadable = [r for r in runs if r.unreadable is not None]
+    if unreadable:
+        print(f"report: {len(unreadable)} runs with an unreadable summary, counted as other, not averaged: "
+              + ", ".join(f"{r.path} ({r.unreadable})" for r in unreadable), file=sys.stderr)
     table = to_csv(rows, columns) if args.format == "csv" else to_markdown(rows, columns)
     sys.stdout.write(table)
     try:

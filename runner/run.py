@@ -4,12 +4,9 @@ Importable without Hydra (tests call it with a composed config). Bad input raise
 work; failures during training are recorded in summary.json (status failed, with the error's last lines) and
 re-raised; the dashboard logger is always finished.
 """
-import contextlib
 import hashlib
 import logging
 import os
-import signal
-import threading
 import traceback
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from runner.config import ConfigError
 from runner.experiment import (Experiment, build, check_environment, latest_checkpoint, load_checkpoint,
                                resolve_device)
 from runner.rundir import ANALYSIS, OVERRIDES, RunDir, command_line, device_name, git_state, versions
+from runner.signals import Interrupted, deferred, sigterm_as_interrupt  # noqa: F401 (Interrupted: re-exported)
 from runner.signature import signature
 from runner.spec import validate
 from runner.sweep import RunLock
@@ -47,10 +45,6 @@ def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = N
             raise ForeignRunDir("hydra.run.dir", message=(
                 f"{record.path} holds another run ({where}: signature {other_sig}, seed {other_seed}; this one: "
                 f"signature {sig}, seed {seed}); it is left as it is: choose another hydra.run.dir"))
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (what `kill`, `timeout` and SLURM send), handled like Ctrl-C: the run is recorded `interrupted`."""
 
 
 class RunFailed(RuntimeError):
@@ -130,24 +124,69 @@ def _analyze_finished(spec, device, record: RunDir) -> dict:
 
 
 def analyze_with_dashboard(experiment, progress, plan, record: RunDir, checkpoint_name: str, skip_done: bool) -> dict:
-    """Post hoc: the analyses of `plan` on a rebuilt experiment, their figures and numbers also sent to the run's
-    dashboard run (the same id as in training); returns {"analysis": metrics, "analysis_errors": errors}."""
+    """Post hoc: the analyses of `plan` on a rebuilt experiment; when any ran, the run's dashboard run (the same id
+    as in training) is continued with them (`replay_dashboard`); when none ran (all done before, or all failed), the
+    dashboard is not touched. Returns {"analysis": metrics, "analysis_errors": errors}."""
     from runner.analysis.schedule import analyze
 
     from runner.logging import Logger
 
+    class Ran(Logger):  # which analyses ran; the dashboard gets them from their files afterwards
+        def __init__(self):
+            self.names = []
+
+        def log_analysis(self, name, metrics, figures, step) -> None:
+            self.names.append(name)
+
+    ran = Ran()
+    metrics, errors = analyze(experiment, progress, plan, record.path / ANALYSIS, checkpoint_name=checkpoint_name,
+                              skip_done=skip_done, logger=ran, post_hoc=True)
+    if ran.names:
+        replay_dashboard(experiment.spec, record)
+    return {"analysis": metrics, "analysis_errors": errors}
+
+
+def replay_dashboard(spec, record: RunDir) -> None:
+    """Continue the run's dashboard run (same id) with the whole run directory: the records of metrics.jsonl at
+    their steps, every analysis in analysis/ (figures as images in the row of the step it was made at, the
+    checkpoint's; numbers as summary values), then summary.json. An offline wandb run cannot be resumed in place
+    (each launch writes its own offline-run-* folder, and `wandb sync` keeps the last one of an id), so the new
+    folder holds everything, as a resumed training's does; an online run that resumed skips what the server has."""
+    from runner.rundir import read_json
+
+    if spec.logger.name == "none":
+        return
     try:
-        logger = dashboard(experiment.spec, record)
+        logger = dashboard(spec, record)
     except Exception as e:  # e.g. an online dashboard without network here: the files are what counts
         log.warning("dashboard not reachable (%s); the analysis files are written all the same",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
-        logger = Logger()
+        return
+    summary = record.read_summary()
     try:
-        metrics, errors = analyze(experiment, progress, plan, record.path / ANALYSIS, checkpoint_name=checkpoint_name,
-                                  skip_done=skip_done, logger=logger, post_hoc=True)
+        analyses = []
+        for path in sorted((record.path / ANALYSIS).glob("*.json")):
+            found = read_json(path) or {}
+            if isinstance(found.get("step"), int) and isinstance(found.get("name"), str):
+                figures = [record.path / ANALYSIS / name for name in found.get("figures") or []]
+                analyses.append((found["step"], found["name"], found.get("scalars") or {},
+                                 [f for f in figures if f.is_file()]))
+        analyses.sort(key=lambda a: a[0])
+
+        def flush(before: float) -> None:
+            while analyses and analyses[0][0] < before:
+                step, name, scalars, figures = analyses.pop(0)
+                logger.log_analysis(name, scalars, figures, step)
+
+        for metrics in record.read_metrics():
+            flush(metrics["step"])  # analyses at a step are logged after that step's records (the same row)
+            logger.log(metrics, step=metrics["step"])
+        flush(float("inf"))
+    except Exception as e:
+        log.warning("the dashboard did not take the analyses (%s); the analysis files are written all the same",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
     finally:
-        logger.close()
-    return {"analysis": metrics, "analysis_errors": errors}
+        logger.finish(summary) if summary is not None else logger.close()
 
 
 def _build_and_resume(spec, device, resume: dict | None, where: str, record: RunDir) -> tuple[Experiment, Progress]:
@@ -161,14 +200,18 @@ def _build_and_resume(spec, device, resume: dict | None, where: str, record: Run
             raise ConfigError("trainer.epochs", message=(
                 f"trainer.resume={spec.trainer.resume} is at epoch {progress.epoch} (step {progress.step}) and this "
                 f"config trains {total} steps: nothing left to train; raise trainer.epochs (or trainer.steps)"))
-        log.info("resuming %s from epoch %d (step %d)", record.path, progress.epoch, progress.step)
+        source = Path(where)  # trainer.resume may name a run dir: the checkpoint in it
+        source = RunDir(source, create=False).checkpoint_path if source.is_dir() else source
+        log.info("resuming from %s (epoch %d, step %d) into %s", source, progress.epoch, progress.step, record.path)
     return experiment, progress
 
 
 def _write_failure(record: RunDir, spec, sig: str, error: BaseException) -> None:
-    record.write_summary({"status": "failed", "final": {}, "best": {}, "seed": spec.seed, "experiment": spec.experiment,
-                          "signature": sig, "error": "".join(traceback.format_exception(error)[-3:]).strip(),
-                          "versions": versions(), "git": git_state(), "command": command_line()})
+    with deferred():
+        record.write_summary({"status": "failed", "final": {}, "best": {}, "seed": spec.seed,
+                              "experiment": spec.experiment, "signature": sig,
+                              "error": "".join(traceback.format_exception(error)[-3:]).strip(),
+                              "versions": versions(), "git": git_state(), "command": command_line()})
     _log_traceback(record, error)
 
 
@@ -176,24 +219,6 @@ def _log_traceback(record: RunDir, error: BaseException) -> None:
     """The whole traceback into runner.log (stderr gets one line)."""
     with open(record.path / "runner.log", "a") as f:
         f.write("".join(traceback.format_exception(error)))
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread, so it is recorded like Ctrl-C.
-    Left alone under submitit, whose own signal handling requeues preempted SLURM jobs."""
-    if threading.current_thread() is not threading.main_thread() or os.environ.get("SUBMITIT_EXECUTOR"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Interrupted("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class RunSink:
@@ -276,7 +301,8 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
         raise
     finally:
         if result is not None:
-            record.write_summary(result)
+            with deferred():  # a signal arriving now waits for the record
+                record.write_summary(result)
             logger.finish(result)
     return result
 

@@ -86,8 +86,10 @@ class RunDir:
         atomic_write_bytes(self.summary_path, lambda tmp: Path(tmp).write_text(text))
 
     def read_summary(self) -> dict | None:
-        """summary.json, or None while there is none (or it cannot be read)."""
-        return read_json(self.summary_path)
+        """summary.json, or None while there is none, or when it cannot be read: not JSON, or JSON whose fields
+        have the wrong types (`"final": [...]`, `"best": "x"`; see `summary_problem`)."""
+        summary = read_json(self.summary_path)
+        return summary if summary is not None and summary_problem(summary) is None else None
 
     def read_metrics(self) -> list[dict]:
         """The records of metrics.jsonl (broken lines skipped)."""
@@ -136,6 +138,29 @@ def read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+#: The fields of summary.json that readers use, with the JSON types each may hold (a field may be absent).
+SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
+    "status": (str,), "final": (dict,), "best": (dict,), "seed": (int, type(None)), "signature": (str, type(None)),
+    "error": (str, type(None)), "analysis": (dict, type(None)), "analysis_errors": (dict, type(None)),
+}
+_JSON_TYPE = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def summary_problem(summary) -> str | None:
+    """Why `summary` (summary.json as parsed) is not a run's summary, in a few words, or None when it is one: it
+    must be a JSON object whose fields in `SUMMARY_TYPES` have their types (valid JSON with `"final": [...]` is
+    not a summary: every reader would stumble over it)."""
+    if not isinstance(summary, dict):
+        return f"not a JSON object but {_JSON_TYPE.get(type(summary), type(summary).__name__)}"
+    for key, types in SUMMARY_TYPES.items():
+        value = summary.get(key)
+        if key in summary and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
+            want = " or ".join(dict.fromkeys(_JSON_TYPE[t] for t in types))
+            return f'"{key}" is {_JSON_TYPE.get(type(value), type(value).__name__)}, not {want}'
+    return None
 
 
 def read_yaml(path: Path) -> dict | None:

@@ -27,6 +27,7 @@ from runner.signature import signature
 LAUNCH_ENV = "RUNNER_LAUNCH_ID"
 _sweep_dirs: list[str] = []  # filled in the launching process by SweepCallback and the preflight
 _expected_jobs: list[int] = []  # the number of jobs the preflight composed (empty when it did not run)
+started_run_dir: list[str] = []  # a single run's folder, once Hydra has chosen it
 
 
 def readable_name(override_dirname: str, sig: str) -> str:
@@ -56,10 +57,14 @@ def register_resolvers() -> None:
 
 
 class SweepCallback(Callback):
-    """Remembers the sweep folder in the launching process (for the end-of-sweep tally)."""
+    """Remembers, in the launching process, the sweep folder (for the end-of-sweep tally) or the single run's
+    folder (so an interruption before the run starts can tell what it left: runner.app.interrupted)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         expect(sweep_dirs=[str(config.hydra.sweep.dir)])
+
+    def on_run_start(self, config, **kwargs) -> None:
+        started_run_dir[:] = [str(Path(str(config.hydra.run.dir)).resolve())]  # `now` is cached: Hydra's own dir
 
 
 def expect(sweep_dirs=(), jobs: int | None = None) -> None:

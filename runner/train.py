@@ -12,27 +12,30 @@ The clock. Training length is `trainer.steps` when set, else `trainer.epochs` ep
 every callback whether it is due (`Cadence`: every N steps, every N epochs, at the end: integer arithmetic, no
 sync). When any is due, one record is made: `step`, `epoch` (fractional mid-epoch), train metrics since the last
 record, `lr`, `passes`, the due callbacks' metrics (evaluation, and, next, analyses), `time/epoch_s` at epoch
-ends; it goes to metrics.jsonl and the dashboard. A task may add its own diagnostics (`task.callbacks`, factories
-`(cadence) -> Callback`), run with each evaluation. Without `eval_every_steps` there is a record at every epoch end
-and an evaluation every `eval_every` epochs (and at the end). Checkpoints are written at epoch ends only (so a
-resumed run restarts at an epoch boundary, exactly), and at the end: every `checkpoint_every` epochs, or, on the
-step clock, at the first epoch end after every `checkpoint_every` records.
+ends (the epoch's training time: its steps only, without the evaluations, analyses, records and checkpoints made
+during it; for a full-batch task, one step's cost); it goes to metrics.jsonl and the dashboard. A task may add its
+own diagnostics (`task.callbacks`, factories `(cadence) -> Callback`), run with each evaluation. Without
+`eval_every_steps` there is a record at every epoch end and an evaluation every `eval_every` epochs (and at the
+end). Checkpoints are written at epoch ends only (so a resumed run restarts at an epoch boundary, exactly), and at
+the end: every `checkpoint_every` epochs, or, on the step clock, at the first epoch end after every
+`checkpoint_every` records.
 A non-finite training loss ends the run as `diverged` at the next record, keeping what was logged.
+Progress (runner/heartbeat.py): a bar over the steps on a terminal, else a start line and a heartbeat with the ETA
+after 30 s without a record (`trainer.progress`: true, a bar; false, the lines; null, by the terminal).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence
 
 import torch
-from tqdm import tqdm
 
 from runner import paramspace
 from runner.config import check
+from runner.heartbeat import Work
 from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
 
@@ -101,6 +104,7 @@ class Progress:
     final: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)  # train-metric sums not yet recorded, at a mid-record checkpoint
+    last_step_lr: Optional[float] = None  # the lr the last step took (the schedule's lr after it may be 0)
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     frozen_bn = FrozenBNStats(experiment.model)  # for the passes after the first in multi-pass steps
     zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
     per_sample = experiment.capabilities.per_sample_loss
-    show = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    show = cfg.progress  # None: a bar on a terminal, else a start line and heartbeats (runner/heartbeat.py)
     log_objective = not getattr(experiment.objective, "is_measured_loss", False)
 
     if cfg.eval_every_steps is not None:   # records on the step clock (full-batch tasks, long epochs)
@@ -213,65 +217,71 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
         sums[-1] += objective.float() * len(y)
     mark = time.perf_counter()
     experiment.model.train()
-    while progress.step < total:
-        epoch = progress.epoch + 1
-        epoch_start = time.perf_counter()
-        batches = tqdm(task.train, desc=f"epoch {epoch}/{epochs_shown}", disable=not show, leave=False)
-        for i, batch in enumerate(batches):
-            closure = StepClosure(net, experiment.objective, batch.x, batch.y, autocast=autocast,
-                                  frozen_bn=frozen_bn, params=params, zero_grad=zero_grad,
-                                  grad_clip=cfg.grad_clip, on_first_pass=update, indices=batch.index,
-                                  per_sample=per_sample)
-            optimizer.step(closure)
-            scheduler.step()
-            progress.step += 1
-            progress.passes += closure.passes
-            progress.forward_passes += closure.forward_passes
-            seen += len(batch.y)
-            epoch_end, final = i == steps_per_epoch - 1, progress.step >= total
-            if epoch_end:
-                progress.epoch = epoch
-            due_train = train_cadence.due(progress.step, progress.epoch, epoch_end, final)
-            due = [cb for cb in callbacks if cb.cadence.due(progress.step, progress.epoch, epoch_end, final)]
-            records_since_checkpoint += due_train
-            if not (due_train or due):
+    shape = f"{epochs_shown} epochs of {steps_per_epoch} steps" if steps_per_epoch > 1 else "one step per epoch"
+    with Work("training", total, unit="steps", detail=f"({shape})", show=show, done=progress.step) as work:
+        while progress.step < total:
+            epoch = progress.epoch + 1
+            epoch_start, paused = time.perf_counter(), 0.0  # paused: the records' time (evaluations, analyses, ...)
+            work.describe(f"epoch {epoch}/{epochs_shown}")
+            for i, batch in enumerate(task.train):
+                closure = StepClosure(net, experiment.objective, batch.x, batch.y, autocast=autocast,
+                                      frozen_bn=frozen_bn, params=params, zero_grad=zero_grad,
+                                      grad_clip=cfg.grad_clip, on_first_pass=update, indices=batch.index,
+                                      per_sample=per_sample)
+                optimizer.step(closure)
+                progress.last_step_lr = float(optimizer.param_groups[0]["lr"])  # before the schedule moves it
+                scheduler.step()
+                progress.step += 1
+                work.update()
+                progress.passes += closure.passes
+                progress.forward_passes += closure.forward_passes
+                seen += len(batch.y)
+                epoch_end, final = i == steps_per_epoch - 1, progress.step >= total
+                if epoch_end:
+                    progress.epoch = epoch
+                due_train = train_cadence.due(progress.step, progress.epoch, epoch_end, final)
+                due = [cb for cb in callbacks if cb.cadence.due(progress.step, progress.epoch, epoch_end, final)]
+                records_since_checkpoint += due_train
+                if not (due_train or due):
+                    if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
+                        checkpoint()
+                        records_since_checkpoint = 0
+                    continue
+                record = {"step": progress.step, "epoch": progress.epoch if epoch_end
+                          else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
+                diverged = False
+                if due_train and seen:
+                    for key, value in task.metrics.compute(sums[:-1], seen).items():   # the record's host sync
+                        record[f"train/{key}"] = value
+                    if log_objective:
+                        record["train/objective"] = sums[-1].item() / seen
+                    diverged = not math.isfinite(record["train/loss"])
+                    sums, seen = task.metrics.zeros(device) + [torch.zeros_like(sums[-1])], 0
+                if device.type == "cuda":  # the steps queued so far are training time (the record syncs anyway)
+                    torch.cuda.synchronize(device)
+                pause_start = time.perf_counter()
+                record.update(lr=scheduler.get_last_lr()[0], passes=progress.passes)
+                if not diverged:
+                    for callback in due:
+                        record.update(callback(experiment, progress))
+                now = time.perf_counter()
+                if epoch_end:
+                    record["time/epoch_s"] = pause_start - epoch_start - paused
+                progress.wall_s += now - mark
+                mark = now
+                improved = _track(progress, record, task, diverged)
+                sink.record(record)
+                work.touch()
+                if diverged:
+                    return "diverged"
+                if improved and cfg.save_best:
+                    sink.best()
+                if final:
+                    break
                 if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
                     checkpoint()
                     records_since_checkpoint = 0
-                continue
-            record = {"step": progress.step,
-                      "epoch": progress.epoch if epoch_end else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
-            diverged = False
-            if due_train and seen:
-                for key, value in task.metrics.compute(sums[:-1], seen).items():   # the record's host sync
-                    record[f"train/{key}"] = value
-                if log_objective:
-                    record["train/objective"] = sums[-1].item() / seen
-                diverged = not math.isfinite(record["train/loss"])
-                sums, seen = task.metrics.zeros(device) + [torch.zeros_like(sums[-1])], 0
-            record.update(lr=scheduler.get_last_lr()[0], passes=progress.passes)
-            if not diverged:
-                for callback in due:
-                    record.update(callback(experiment, progress))
-            now = time.perf_counter()
-            if epoch_end:
-                record["time/epoch_s"] = now - epoch_start
-            progress.wall_s += now - mark
-            mark = now
-            improved = _track(progress, record, task, diverged)
-            sink.record(record)
-            if show:
-                shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith(("train/", "val/", "test/")))
-                tqdm.write(f"step {progress.step} epoch {record['epoch']}/{epochs_shown} {shown}", file=sys.stderr)
-            if diverged:
-                return "diverged"
-            if improved and cfg.save_best:
-                sink.best()
-            if final:
-                break
-            if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
-                checkpoint()
-                records_since_checkpoint = 0
+                paused += time.perf_counter() - pause_start
     checkpoint()
     return "completed"
 

@@ -26,6 +26,8 @@ FAST = {  # small settings so each analysis takes well under a second on digits
                      "analysis.landscape_2d.samples=256"],
     "pca": ["analysis.pca.points=4", "analysis.pca.samples=256"],
     "interpolate": ["analysis.interpolate.alpha_points=5", "analysis.interpolate.samples=null"],
+    "hessian_density": ["analysis.hessian_density.probes=4", "analysis.hessian_density.iterations=3",
+                        "analysis.hessian_density.samples=256", "analysis.hessian_density.grid_points=1000"],
 }
 
 
@@ -71,7 +73,7 @@ def test_analyses_never_change_the_experiment(compose, tmp_path, one_thread):
     from runner.spec import validate
     from runner.train import Progress
 
-    names = ["hessian", "sharpness", "landscape_1d", "landscape_2d"]
+    names = ["hessian", "sharpness", "landscape_1d", "landscape_2d", "hessian_density"]
     cfg = compose(["model=cnn", "logger=none", *fast(*names), "analysis.landscape_1d.bn=recalibrate"])
     spec = validate(cfg)
     experiment = build(spec, torch.device("cpu"))
@@ -116,7 +118,8 @@ def test_curvature_during_training_is_a_curve_and_changes_nothing(run_cli, tmp_p
     last = b[-1]
     assert last["step"] == a[-1]["step"] and "sharpness/sam" in last and "train/loss" not in last
     assert last["hessian/lambda_max"] >= last["hessian/lambda_2"] >= last["hessian/lambda_min"]
-    assert last["hessian/eos_ratio"] == pytest.approx(last["hessian/lambda_max"] * a[-1]["lr"] / 2)
+    lr = read(tmp_path / "curv" / "analysis" / "hessian.json")["info"]["lr"]  # the last step's (the schedule: 0)
+    assert a[-1]["lr"] == 0 < lr and last["hessian/eos_ratio"] == pytest.approx(last["hessian/lambda_max"] * lr / 3.8)
     summary = read(tmp_path / "curv" / "summary.json")
     assert summary["signature"] == read(tmp_path / "plain" / "summary.json")["signature"]
     assert summary["final"]["hessian/lambda_max"] == last["hessian/lambda_max"]
@@ -184,6 +187,95 @@ def test_interpolation_endpoints_are_each_runs_own_loss(trained, tmp_path):
         assert arrays["test_acc"][end] == pytest.approx(final["test/acc"])
     record = read(trained["sgd"] / "analysis" / "interpolate.json")
     assert record["settings"]["other"] == str(trained["sam"].resolve()) and record["scalars"]["interpolate/distance"] > 0
+
+
+def test_hessian_density_post_hoc_writes_its_files_and_a_single_hessian_call_its_figure(trained, tmp_path):
+    """`python -m runner.analyze <run> analysis=[hessian,hessian_density]` on a copy of a finished run: the density's
+    npz (nodes and weights per probe, grid, density), json and figure; its trace is Hutchinson's with the same
+    probes (hessian's 4 trace samples, seed 0, the same 256 samples; the objective is plain cross-entropy here);
+    the one post-hoc hessian call draws its Ritz values (hessian.png)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["sgd"], run, ignore=shutil.ignore_patterns("analysis", "wandb"))
+    out = analyze_cli(tmp_path, run, *fast("hessian", "hessian_density"))
+    assert out.returncode == 0, out.stderr
+    assert "hessian_density/negative_mass=" in out.stderr
+    analysis = run / "analysis"
+    record, arrays = read(analysis / "hessian_density.json"), np.load(analysis / "hessian_density.npz")
+    info, scalars = record["info"], record["scalars"]
+    parameters = (64 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)  # the default MLP on 8x8 digits
+    assert (info["parameters"], info["samples"], info["probes"], info["steps"]) == (parameters, 256, 4, 3)
+    assert info["loss"] == "plain cross-entropy" and info["bn"] == "eval"
+    nodes, weights = arrays["nodes"], arrays["weights"]
+    assert nodes.shape == weights.shape == (4, 3) and arrays["steps"].tolist() == [3] * 4
+    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
+    grid, density = arrays["grid"], arrays["density"]
+    assert grid.shape == density.shape == (1000,)
+    assert np.sum(density) * (grid[1] - grid[0]) == pytest.approx(1.0, abs=1e-5)
+    assert scalars["hessian_density/lambda_max"] == nodes.max() > nodes.min() == scalars["hessian_density/lambda_min"]
+    assert 0 <= scalars["hessian_density/negative_mass"] < 1
+    trace = scalars["hessian_density/trace"]
+    assert trace == pytest.approx(parameters * (weights * nodes).sum(1).mean(), rel=1e-9)
+    assert trace == pytest.approx(read(analysis / "hessian.json")["scalars"]["hessian/trace"], rel=1e-3)
+    assert record["figures"] == ["hessian_density.png"]
+    assert read(analysis / "hessian.json")["figures"] == ["hessian.png"]  # a single call: no curve, still a figure
+    assert (analysis / "hessian_density.png").stat().st_size > 0 and (analysis / "hessian.png").stat().st_size > 0
+    ritz = np.load(analysis / "hessian.npz")
+    assert ritz["ritz_values"].shape == ritz["ritz_weights"].shape == (6,)
+
+
+def test_a_sweeps_run_folders_are_targets_not_overrides(trained, tmp_path, monkeypatch, capsys, one_thread):
+    """Sweep runs live in `multirun/<experiment>/<signature>/seed=N`: a path holding `=` (or a glob of them, as the
+    README writes it) is a run to analyse, not an override."""
+    import shutil
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.analyze import main, parse
+
+    sweep = tmp_path / "multirun" / "x" / "0123abcd"
+    for seed in (0, 1):
+        shutil.copytree(trained["sgd"], sweep / f"seed={seed}", ignore=shutil.ignore_patterns("analysis"))
+    monkeypatch.chdir(tmp_path)
+    args = parse(["multirun/x/0123abcd/seed=0", "analysis=hessian", "analysis.hessian.top_k=2"])
+    assert args.targets == ["multirun/x/0123abcd/seed=0"]
+    assert args.overrides == ["analysis=hessian", "analysis.hessian.top_k=2"]
+    GlobalHydra.instance().clear()
+    assert main(["multirun/x/0123abcd/seed=0", *fast("hessian")]) == 0, capsys.readouterr().err
+    assert (sweep / "seed=0" / "analysis" / "hessian.json").exists()
+    assert not (sweep / "seed=1" / "analysis" / "hessian.json").exists()
+    GlobalHydra.instance().clear()
+    assert main(["multirun/x/**/seed=*", *fast("hessian")]) == 0, capsys.readouterr().err
+    assert (sweep / "seed=1" / "analysis" / "hessian.json").exists()
+    assert "seed=0: step" in capsys.readouterr().err  # both runs named in the output
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exit_:  # a sweep folder that does not exist: named as a missing run
+        main(["multirun/x/0123abcd/seed=7", "analysis=hessian"])
+    assert exit_.value.code == 2 and "seed=7: no such run directory" in capsys.readouterr().err
+
+
+def test_analysis_on_a_finished_run_prints_the_numbers_runner_analyze_prints(trained, compose, tmp_path, capsys,
+                                                                            one_thread):
+    """`python -m runner analysis=...` on a finished run ends with the line `python -m runner.analyze` prints (the
+    same function makes both): in process, `runner.analyze.main`, then `run` + the app's `outcome`."""
+    import shutil
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.analyze import main
+    from runner.app import outcome
+    from runner.run import run
+
+    target = tmp_path / "sgd"
+    shutil.copytree(trained["sgd"], target, ignore=shutil.ignore_patterns("analysis"))
+    GlobalHydra.instance().clear()
+    assert main([str(target), *fast("landscape_1d")]) == 0
+    printed = capsys.readouterr().err.strip().splitlines()[-1]
+    assert printed.startswith(f"{target}: step 69: ") and " landscape_1d/train_loss_center=" in printed, printed
+    summary = run(compose(["optimizer=sgd", "trainer.epochs=3", "logger=none", *fast("landscape_1d")]), target)
+    assert summary["skipped"] and "landscape_1d/train_loss_center" in summary["analysis"]
+    assert outcome(summary, target).splitlines()[-1] == printed
 
 
 BAD = {
@@ -267,17 +359,44 @@ def test_a_failing_analysis_keeps_the_training_and_exits_1(run_cli, tmp_path):
     assert "Traceback" in (tmp_path / "run" / "runner.log").read_text()
 
 
-def test_figures_go_to_wandb_as_images_also_post_hoc(run_cli, tmp_path):
+def test_figures_go_to_wandb_as_images_also_post_hoc(run_cli, tmp_path, caplog, one_thread):
+    """A post-hoc analysis continues the run's dashboard run: offline, wandb cannot resume in place, so its one new
+    folder (same id) holds the whole run again, the figures in the row of the checkpoint's step; a call with
+    nothing to do (the analysis is done) starts no wandb run at all."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.analyze import main
+    from tests.test_wandb import history, offline_logs, run_ids, wandb_records
+
+    run = tmp_path / "run"
     out = run_cli("trainer.epochs=1", "logger=wandb", *fast("landscape_1d"))
     assert out.returncode == 0, out.stderr
-    images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/landscape_1d/*.png"))
+    images = list((run / "wandb").glob("offline-run-*/files/media/images/landscape_1d/*.png"))
     assert len(images) == 1
-    out = analyze_cli(tmp_path, tmp_path / "run", *fast("landscape_2d"))
+    out = analyze_cli(tmp_path, run, *fast("landscape_2d"))
     assert out.returncode == 0, out.stderr
-    images = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/landscape_2d/*.png"))
+    images = list((run / "wandb").glob("offline-run-*/files/media/images/landscape_2d/*.png"))
     assert len(images) == 3  # train and test contours, surface
-    runs = {p.name.split("-", 3)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2  # the training's and the post-hoc call's
+    runs = {p.name.split("-", 3)[-1] for p in folders}
     assert len(runs) == 1  # the post-hoc analysis continues the training's dashboard run (same id)
+
+    _, post_hoc = offline_logs(run)
+    logged = wandb_records(post_hoc)
+    assert run_ids(logged) == runs
+    rows, steps = history(logged), [r["step"] for r in records(run)]
+    assert sorted({row["_step"] for row in rows}) == sorted(set(steps))  # the whole history, at its steps
+    last = {k: v for row in rows if row["_step"] == steps[-1] for k, v in row.items()}
+    images = {key.rsplit("/", 1)[0] for key in last if key.endswith("/sha256")}  # an image: {path, sha256, ...}
+    assert {"landscape_1d/figure", "landscape_2d/train_contour"} <= images and "train/loss" in last, last
+    assert last["test/acc"] == [r for r in records(run) if "test/acc" in r][-1]["test/acc"]
+
+    GlobalHydra.instance().clear()  # the same analysis again, in process: done, so skipped; no wandb run
+    caplog.set_level("INFO")
+    assert main([str(run), *fast("landscape_2d")]) == 0
+    assert "analysis landscape_2d: already done" in caplog.text
+    assert sorted((run / "wandb").glob("offline-run-*")) == folders
 
 
 # ------------------------------------------------------------------------------------ real-format CIFAR-10

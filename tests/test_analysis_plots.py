@@ -133,6 +133,37 @@ def test_contour_is_oriented_x_along_columns(figures, tmp_path):
     assert min(ratios) > 1.2  # sqrt(2) for the exact ellipses; a coarse grid blurs it a little
 
 
+def test_a_long_thin_plane_is_not_a_strip_and_the_legend_is_off_the_trajectory(figures, tmp_path):
+    """A PCA plane: the first direction spans 20x the second. Equal units would draw a thin strip; the panel
+    keeps a sensible shape (the title says the axes are scaled differently) and the legend is outside the panel,
+    so it never covers the trajectory's start. A round bowl keeps equal units."""
+    x, y = np.linspace(-10.0, 2.0, 21), np.linspace(-0.3, 0.3, 11)
+    X, Y = np.meshgrid(x, y)
+    arrays = {"x": x, "y": y, "train_loss": 0.01 * X**2 + 10 * Y**2 + 0.1}
+    trajectory = np.array([[-9.0, 0.25], [-6.0, 0.1], [-3.0, -0.1], [-1.0, 0.05], [0.0, 0.0]])
+    plots.plot_contour(arrays, tmp_path / "pca.png", SETTINGS, trajectory=trajectory)
+    plots.plot_contour(bowl(), tmp_path / "bowl.png", SETTINGS)
+    for fig, scaled in zip(figures, (True, False)):
+        (ax,) = [a for a in fig.axes if a.get_xlabel() == "d1"]
+        box = ax.get_window_extent()
+        assert 0.4 < box.height / box.width < 2.5, (box.height, box.width)
+        assert ax.get_legend() is None and len(fig.legends) == 1
+        legend = fig.legends[0].get_window_extent()
+        assert not legend.overlaps(box)  # below the panel, not over the data
+        assert ("axes scaled differently" in suptitle(fig)) == scaled
+    assert figures[1].axes[0].get_aspect() == 1.0  # equal units where the ranges are alike
+
+
+def test_plot_curve_labels_the_threshold_with_its_formula(figures, tmp_path):
+    steps = np.arange(5)
+    label = "2(1+β)/η, heavy-ball momentum β=0.9"
+    plots.plot_curve(steps, {"lambda_max": [1, 2, 3, 4, 5], label: 3.8 / 0.05}, tmp_path / "k.png", SETTINGS, "y",
+                     threshold=label)
+    (dashed,) = [line for line in figures[0].axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert dashed.get_label() == f"{label} (stability threshold)"
+    assert np.allclose(dashed.get_ydata(), 76.0)
+
+
 def test_surface_writes_a_png_even_with_holes(tmp_path):
     path = tmp_path / "surface.png"
     assert_png(path, plots.plot_surface(bowl(), path, SETTINGS))

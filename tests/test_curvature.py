@@ -372,3 +372,86 @@ def test_edge_of_stability():
     assert edge_of_stability(40.0, 0.05) == pytest.approx(1.0)
     assert edge_of_stability(10.0, 0.1) == pytest.approx(0.5)
     assert edge_of_stability(0.0, 1.0) == 0.0
+
+
+# ----------------------------------------------------------------------------------- the stability threshold
+def _run_on_quadratic(choice, lr: float, a: torch.Tensor, steps: int = 300) -> float:
+    """||w|| after `steps` steps of the registry's optimizer (torch's own update) on L(w) = w^T A w / 2 from a
+    seeded start, relative to the start: ~0 when stable, huge when not."""
+    import dataclasses
+
+    from runner.optim import build_optimizer
+
+    choice = type(choice)(choice.entry, dataclasses.replace(choice.params, lr=lr))
+    w = torch.nn.Parameter(torch.randn(a.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    optimizer = build_optimizer(choice, [w])
+    start = w.detach().norm().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (0.5 * w @ a @ w).backward()
+        optimizer.step()
+    return w.detach().norm().item() / start
+
+
+@pytest.mark.parametrize("node, factor", [
+    ({"name": "sgd", "momentum": 0.0}, 2.0),                                 # gradient descent: 2/lr
+    ({"name": "sgd", "momentum": 0.9}, 2 * 1.9),                             # heavy ball: 2(1+b)/lr
+    ({"name": "sgd", "momentum": 0.5}, 2 * 1.5),
+    ({"name": "sgd", "momentum": 0.9, "nesterov": True}, 3.8 / 2.8),        # Nesterov: (2+2b)/((1+2b) lr)
+    ({"name": "sam", "momentum": 0.9, "rho": 0.0}, 2 * 1.9),                # a wrapper: its base's threshold
+])
+def test_stability_threshold_is_where_the_optimizer_diverges_on_a_quadratic(node, factor, one_thread):
+    """Oracle: on L(w) = w^T A w / 2 with top eigenvalue 10, the optimizer's declared threshold factor/lr (runner/
+    optim `stability`) is the closed form, the iteration matrix's spectral radius crosses 1 there, and the real
+    optimizer converges at lr 2% below lr* = factor/10 and diverges 2% above it."""
+    from runner.optim import OPTIMIZERS, stability
+
+    node = {"weight_decay": 0.0, **node}
+    choice = OPTIMIZERS.validate(node)
+    rule = stability(choice)
+    assert rule.factor == pytest.approx(factor)
+    lam, lr_star = 10.0, factor / 10.0
+    assert rule.threshold(lr_star) == pytest.approx(lam) and rule.ratio(lam, lr_star) == pytest.approx(1.0)
+    beta = node.get("momentum", 0.0)
+    for scale, stable in ((0.98, True), (1.02, False)):
+        step = scale * lr_star * lam  # the iteration on the top eigenvector: (w, v) -> M (w, v), torch's SGD
+        if node.get("nesterov"):
+            m = np.array([[1 - step * (1 + beta), -step * beta**2 / lam], [lam, beta]])
+        else:
+            m = np.array([[1 - step, -step * beta / lam], [lam, beta]])
+        assert (max(abs(np.linalg.eigvals(m))) < 1) == stable
+    a = spectrum_matrix([lam, 4.0, 1.0])
+    if "rho" not in node:  # the dynamics of the optimizer itself (SAM's rho=0 step is its base's)
+        assert _run_on_quadratic(choice, 0.98 * lr_star, a) < 1e-3
+        assert _run_on_quadratic(choice, 1.02 * lr_star, a) > 1e3
+    assert edge_of_stability(lam, lr_star, rule.factor) == pytest.approx(1.0)
+
+
+def test_adaptive_methods_have_no_lambda_max_threshold_and_every_optimizer_says_which():
+    """Every registered optimizer resolves to a rule: declared by itself, or (a wrapper) its base's; Adam-type,
+    sign and adaptive-step methods declare that no threshold of lambda_max applies, with a reason."""
+    from runner.optim import OPTIMIZERS, Wraps, stability
+
+    for name in OPTIMIZERS.names():
+        choice = OPTIMIZERS.validate({"name": name})
+        if not isinstance(choice.params, Wraps):
+            assert choice.entry.capabilities.get("stability") is not None, f"{name} declares no stability rule"
+        rule = stability(choice)
+        assert (rule.factor is None) == bool(rule.note.count("no edge-of-stability threshold")), name
+    for name in ("adam", "adamw", "lion", "grams", "momo", "momo_adam", "gravity"):
+        rule = stability(OPTIMIZERS.validate({"name": name}))
+        assert rule.factor is None and math.isnan(rule.threshold(0.1)) and math.isnan(rule.ratio(5.0, 0.1))
+    wrapped = stability(OPTIMIZERS.validate({"name": "sam", "base": "adamw"}))
+    assert wrapped.factor is None and "sam wraps adamw" in wrapped.note and "preconditioned" in wrapped.note
+
+
+def test_top_eigenvalues_says_why_it_returns_fewer_than_k():
+    """k larger than what Lanczos can give: fewer values and a note saying why (the dimension, or a breakdown on a
+    spectrum with repeated eigenvalues)."""
+    small = top_eigenvalues(matrix_hvp(spectrum_matrix([5.0, 3.0, 1.0])), [torch.zeros(3, dtype=torch.float64)],
+                            k=6, iterations=6)
+    assert len(small["top"]) == 3 and "3 dimensions" in small["note"]
+    repeated = spectrum_matrix([5.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0])  # 3 distinct eigenvalues in 8 dimensions
+    found = top_eigenvalues(matrix_hvp(repeated), [torch.zeros(8, dtype=torch.float64)], k=8, iterations=8)
+    assert len(found["top"]) == 3 and "broke down after 3 iterations" in found["note"]
+    assert top_eigenvalues(matrix_hvp(repeated), [torch.zeros(8, dtype=torch.float64)], k=2)["note"] == ""

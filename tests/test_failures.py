@@ -24,9 +24,19 @@ def lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def ignore_signals() -> None:
+    """As a process started with `&` from a non-interactive shell (`nohup python -m runner ... &`, a CI script)
+    begins: SIGINT ignored. SIGTERM too, the harder case. The runner must install its own handlers regardless."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def start(tmp_path: Path, *args) -> subprocess.Popen:
+    """`python -m runner *args` in the background, as `nohup ... &` starts it (signals inherited as ignored): the
+    tests below behave the same however pytest itself was launched."""
     return subprocess.Popen([sys.executable, "-m", "runner", *args, "logger=none"], cwd=tmp_path,
-                            env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_signals)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -156,6 +156,42 @@ def test_divergence_is_a_status_and_stops_at_the_record():
     assert sink.checkpoints == []  # a diverged state is never checkpointed
 
 
+class Slow(Callback):
+    """A callback that takes 100 s of the loop's (fake) clock, as a long evaluation or analysis would."""
+
+    def __init__(self, clock: list, cadence: Cadence):
+        self.clock, self.cadence = clock, cadence
+
+    def __call__(self, experiment, progress):
+        self.clock[0] += 100.0
+        return {}
+
+
+@pytest.mark.parametrize("batch_size, cadence", [(64, Cadence(every_epochs=1)), (16, Cadence(every_steps=2))],
+                         ids=["full-batch-slow-at-epoch-ends", "4-steps-slow-mid-epoch"])
+def test_epoch_time_is_the_training_steps_only(monkeypatch, batch_size, cadence):
+    """`time/epoch_s` is the epoch's training time: for a full-batch task one step, not the step plus its
+    evaluation; evaluations and analyses mid-epoch are not in it either. A fake clock (1 s per read; the callback
+    adds 100 s): nothing sleeps, and the 100 s must not show."""
+    import runner.train
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(runner.train, "time", SimpleNamespace(perf_counter=perf_counter))
+    torch.manual_seed(0)
+    x, y = blobs(n=64)
+    experiment = loop_experiment(nn.Linear(5, 3), x, y, {"name": "sgd"}, batch_size=batch_size,
+                                 trainer=TrainerConfig(epochs=3, progress=False), test=blobs(seed=1))
+    sink = Collect()
+    train(experiment, Progress(), sink, callbacks=[Slow(clock, cadence)])
+    times = [r["time/epoch_s"] for r in sink.records if "time/epoch_s" in r]
+    assert len(times) == 3 and all(0 < t < 10 for t in times), times
+
+
 # ------------------------------------------------------------------------------------------ the closure contract
 
 def closure_for(model, x, y, **kw):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -498,3 +499,269 @@ def test_metric_missing_from_summary_falls_back_on_metrics_jsonl(sweep, tmp_path
     assert run.best("test/acc") == pytest.approx(max(accs))  # higher is better
     (row,) = summarize(group_runs([run]), "test/loss")
     assert row["final_test/loss"] == pytest.approx(Stat(losses[-1], 0.0, None, 1))
+
+
+# ------------------------------------------------------------------------- fake run dirs (fast, in-process)
+# Run folders written here in the real on-disk format (.hydra/config.yaml composed from conf/, summary.json,
+# metrics.jsonl), so these tests need no CLI run.
+
+def fake_run(path: Path, config: dict, seed: int, acc: float = 0.9, status: str = "completed") -> Path:
+    """A run folder of `config` (a composed, resolved config) and `seed`, with `acc` as its test accuracy."""
+    config = {**config, "seed": seed}
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * e, "epoch": e, "test/acc": acc - 0.1 / e, "test/loss": 1.0 / e}) + "\n"
+        for e in (1, 2)))
+    (path / "summary.json").write_text(json.dumps({
+        "status": status, "final": {"test/acc": acc, "test/loss": 0.5}, "best": {"test/acc": acc, "epoch": 2},
+        "seed": seed, "epochs": 2, "steps": 20, "passes": 20, "wall_s": 1.5, "error": None,
+        "signature": signature(config)}))
+    return path
+
+
+@pytest.fixture
+def configs(compose):
+    """`configs(*overrides)` -> the resolved config `python -m runner <overrides>` would run."""
+    return lambda *overrides: OmegaConf.to_container(compose(list(overrides)), resolve=True)
+
+
+def labels_of(root: Path, *label_keys: str) -> list[str]:
+    groups = group_runs(find_runs([root]), list(label_keys)) if label_keys else group_runs(find_runs([root]))
+    return [g.label for g in groups]
+
+
+# The ad-hoc runs a user makes one after another, without a sweep: each changes one or two things.
+AD_HOC = {
+    "sgd": [],
+    "sam": ["optimizer=sam"],
+    "sam rho=0.1": ["optimizer=sam", "optimizer.rho=0.1"],
+    "adamw": ["optimizer=adamw", "optimizer.lr=1e-3"],
+    "cnn": ["model=cnn"],
+}
+
+
+def test_ad_hoc_runs_are_labelled_by_the_keys_that_tell_them_apart(configs, tmp_path):
+    """Not every key that differs anywhere (~15 each: lr, momentum, betas, model widths, ...): the few that
+    tell the groups apart, the option names first."""
+    for i, (name, overrides) in enumerate(AD_HOC.items()):
+        fake_run(tmp_path / f"run{i}", configs(*overrides), seed=0)
+    assert labels_of(tmp_path) == [
+        "model.name=mlp optimizer.name=sgd",
+        "model.name=mlp optimizer.name=sam optimizer.rho=0.05",
+        "model.name=mlp optimizer.name=sam optimizer.rho=0.1",
+        "model.name=mlp optimizer.name=adamw",
+        "model.name=cnn optimizer.name=sgd",
+    ]
+
+
+def test_a_preset_is_named_by_its_experiment_not_by_the_keys_it_sets(configs, tmp_path):
+    fake_run(tmp_path / "a", configs("optimizer=sam"), seed=0)
+    fake_run(tmp_path / "b", configs("+experiment=sam_cifar", "dataset=digits", "model=mlp"), seed=0)
+    fake_run(tmp_path / "c", configs("+experiment=sam_cifar", "dataset=digits", "model=mlp", "optimizer.rho=0.1"), 0)
+    assert labels_of(tmp_path) == ["experiment=default optimizer.rho=0.05", "experiment=sam_cifar optimizer.rho=0.05",
+                                   "experiment=sam_cifar optimizer.rho=0.1"]
+
+
+def test_groups_with_the_same_effective_config_are_told_apart_by_signature(configs, tmp_path):
+    """sam over adamw ignores `momentum`: two such runs differ in their saved config only; the label says so by
+    the signature instead of showing an unused value."""
+    a = fake_run(tmp_path / "a", configs("optimizer=sam", "optimizer.base=adamw"), seed=0)
+    b = fake_run(tmp_path / "b", configs("optimizer=sam", "optimizer.base=adamw", "optimizer.momentum=0.5"), seed=0)
+    groups = group_runs(find_runs([tmp_path]))
+    assert len(groups) == 2
+    for group, run in zip(groups, (a, b)):
+        assert group.label == f"[{group.signature}]" and group.runs[0].path == run
+
+
+def test_a_wrappers_label_shows_the_lr_its_base_steps_with(configs, tmp_path):
+    """`optimizer=sam 'optimizer.base={name:lion,lr:1e-4}'` saves sam's unused `lr: 0.05`: the label must not
+    read `optimizer.lr=0.05`."""
+    fake_run(tmp_path / "adamw", configs("optimizer=adamw", "optimizer.lr=1e-3"), seed=0)
+    fake_run(tmp_path / "lion1", configs("optimizer=sam", "optimizer.base={name:lion,lr:1e-4}"), seed=0)
+    fake_run(tmp_path / "lion3", configs("optimizer=sam", "optimizer.base={name:lion,lr:3e-4}"), seed=0)
+    fake_run(tmp_path / "sgd", configs("optimizer=sam"), seed=0)
+    labels = labels_of(tmp_path)
+    assert not any("optimizer.lr=0.05" in label.split() and "lion" in label for label in labels), labels
+    assert labels == ["optimizer.name=adamw optimizer.lr=0.001",
+                      "optimizer.name=sam optimizer.base=lion optimizer.lr=0.0001",
+                      "optimizer.name=sam optimizer.base=lion optimizer.lr=0.0003",
+                      "optimizer.name=sam optimizer.base=sgd optimizer.lr=0.05"]
+    assert labels_of(tmp_path, "optimizer.lr,optimizer.weight_decay,optimizer.momentum") == [
+        "optimizer.lr=0.001 optimizer.weight_decay=0.01",
+        "optimizer.lr=0.0001 optimizer.weight_decay=0.0005",  # lion takes sam's weight decay, not its momentum
+        "optimizer.lr=0.0003 optimizer.weight_decay=0.0005",
+        "optimizer.lr=0.05 optimizer.weight_decay=0.0005 optimizer.momentum=0.9"]
+
+
+def test_effective_config_is_what_the_registry_hands_to_the_base_optimizer():
+    """Oracle: the optimizer registry's own validation (`Wraps.validate_nested`). For every wrapper over every
+    base it accepts, flat (`optimizer.base=adamw`) and nested (`optimizer.base={name: adamw, lr: ...}`) spelling,
+    the effective config's shared keys are the values the optimizer that takes the step got, and only those."""
+    from runner.config import ConfigError
+    from runner.optim import OPTIMIZERS, SHARED, Wraps
+    from runner.report import effective_config
+
+    wrappers = [n for n in OPTIMIZERS.names() if issubclass(OPTIMIZERS.get(n).schema, Wraps)]
+    # every wrapper over sgd and adamw, and sam and gsam over every optimizer (wrappers among them)
+    pairs = [(w, b) for w in wrappers for b in ("sgd", "adamw")] + [(w, b) for w in ("sam", "gsam")
+                                                                     for b in OPTIMIZERS.names()]
+    checked = set()
+    for (wrapper, base), nested in itertools.product(dict.fromkeys(pairs), (False, True)):
+        node = yaml.safe_load((ROOT / "conf" / "optimizer" / f"{wrapper}.yaml").read_text())
+        spelled = {"name": base, "lr": 0.0123, "weight_decay": 0.25} if nested else base
+        config = {"optimizer": {**node, "base": spelled}, "model": {"name": "mlp"}}
+        try:
+            choice = OPTIMIZERS.validate(config["optimizer"])
+        except ConfigError:  # not a base this wrapper takes (MoMo, a multi-pass method)
+            continue
+        stepper = choice  # the optimizer that takes the step (a wrapper's base may be a wrapper)
+        while isinstance(stepper.params, Wraps):
+            stepper = stepper.params.base
+        effective = effective_config(config)
+        assert effective["model"] == config["model"] and config["optimizer"]["base"] == spelled  # a copy
+        got = {k: v for k, v in effective["optimizer"].items() if k in SHARED}
+        want = {k: getattr(stepper.params, k) for k in SHARED if hasattr(stepper.params, k)}
+        assert got == want, (wrapper, spelled)
+        base_name = effective["optimizer"]["base"]
+        assert (base_name if isinstance(base_name, str) else base_name["name"]) == base
+        assert {k: v for k, v in effective["optimizer"].items() if k not in SHARED and k != "base"} == {
+            k: v for k, v in node.items() if k not in SHARED and k != "base"}
+        checked.add((wrapper, base, nested))
+    assert {("sam", "lion", True), ("sam", "adamw", False), ("gsam", "sgd", True)} <= checked and len(checked) > 40
+    # a plain optimizer, and an optimizer this code does not know, are left as they are
+    for node in ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, {"name": "gone", "lr": 1.0, "base": "sgd"}):
+        assert effective_config({"optimizer": node}) == {"optimizer": node}
+
+
+def test_label_option_chooses_the_keys_and_a_bad_key_is_one_line(configs, tmp_path, capsys):
+    for i, (name, overrides) in enumerate(AD_HOC.items()):
+        fake_run(tmp_path / "runs" / f"run{i}", configs(*overrides), seed=0)
+    argv = [str(tmp_path / "runs"), "--no-figures", "--out", str(tmp_path / "out"), "--columns", "group"]
+    assert main([*argv, "--label", "optimizer,optimizer.rho,model"]) == 0  # `optimizer`: short for optimizer.name
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| optimizer.name=sgd model.name=mlp |", "| optimizer.name=sam optimizer.rho=0.05 model.name=mlp |",
+        "| optimizer.name=sam optimizer.rho=0.1 model.name=mlp |", "| optimizer.name=adamw model.name=mlp |",
+        "| optimizer.name=sgd model.name=cnn |"]
+    # keys that leave groups alike: the signature tells them apart
+    groups = group_runs(find_runs([tmp_path / "runs"]), ["optimizer.lr"])
+    assert [g.label for g in groups] == [f"optimizer.lr={lr} [{g.signature}]" if lr == 0.05 else f"optimizer.lr={lr}"
+                                         for lr, g in zip((0.05, 0.05, 0.05, 0.001, 0.05), groups)]
+    argv[argv.index("--out") + 1] = str(tmp_path / "bad")
+    for bad in ("optimizer.nope", "optimizer.name,trainer.nope", ","):
+        err = one_line_error(capsys, [*argv, "--label", bad])
+        assert err.startswith("report: "), err
+        if bad != ",":
+            assert f"unknown label key(s) {bad.split(',')[-1]};" in err and "optimizer.rho" in err, err
+    assert not (tmp_path / "bad").exists()  # nothing written on bad input
+
+
+def test_accuracy_ci_is_clipped_to_0_1_and_each_bar_says_n(configs, tmp_path, monkeypatch):
+    """Two seeds at 0.99 and 0.94: the Student-t half-width (t = 12.7) is 0.32, past accuracy 1.0."""
+    import matplotlib.figure
+    from matplotlib.container import ErrorbarContainer
+
+    from runner.report import plot_bars
+
+    fake_run(tmp_path / "runs" / "a0", configs(), seed=0, acc=0.99)
+    fake_run(tmp_path / "runs" / "a1", configs(), seed=1, acc=0.94)
+    fake_run(tmp_path / "runs" / "b0", configs("optimizer=adamw"), seed=0, acc=0.5)  # one seed: no interval
+    fake_run(tmp_path / "runs" / "c0", configs("optimizer=sam"), seed=0, acc=0.7, status="failed")  # none completed
+    groups = group_runs(find_runs([tmp_path / "runs"]))
+    rows = summarize(groups)
+    two = rows[0]["final_test/acc"]
+    assert two.n == 2 and two.mean + two.ci95 > 1.0
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    plot_bars(groups, rows, "test/acc", tmp_path / "bars.png")
+    (ax,) = drawn[0].axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    (segment,) = bars[0].lines[2][0].get_segments()  # the first group's interval, the only one with two seeds
+    assert sorted(segment[:, 0]) == pytest.approx([two.mean - two.ci95, 1.0])
+    assert all(c.lines[2][0].get_segments()[0][:, 0].max() <= 1.0 for c in bars)
+    assert ax.get_xlim()[1] <= 1.02
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == [f"{two.mean:.4f} (n=2)", "0.5000 (n=1, no CI)", "n=0: no completed run"], texts
+
+
+def test_ci_interval_is_clipped_only_for_accuracies_in_0_1():
+    from runner.report import ci_interval, unit_interval
+
+    two = describe([0.99, 0.94])
+    assert ci_interval(two, bounded=True) == pytest.approx((two.mean - two.ci95, 1.0))
+    assert ci_interval(Stat(0.2, 0.1, 0.5, 2), bounded=True) == pytest.approx((0.0, 0.7))
+    assert ci_interval(Stat(0.9, 0.1, 0.3, 2)) == pytest.approx((0.6, 1.2))  # a loss is not clipped
+    assert ci_interval(Stat(0.9, 0.0, None, 1), bounded=True) is None
+    assert unit_interval("test/acc", [0.99, 0.94]) and unit_interval("test/balanced_acc", [0.5])
+    assert not unit_interval("test/loss", [0.5]) and not unit_interval("test/acc", [97.5, 96.0])  # in percent
+
+
+def test_long_labels_give_no_layout_warning(configs, tmp_path, capsys):
+    """matplotlib's "Tight layout not applied" warning reached stderr when group labels were long (every key
+    that differs anywhere): the labels are short now, and a long one (`--label` with many keys) is wrapped."""
+    import warnings
+
+    from runner.report import select_columns, write_report
+
+    for i, (name, overrides) in enumerate(AD_HOC.items()):
+        for seed in (0, 1):
+            fake_run(tmp_path / "runs" / f"run{i}" / f"seed={seed}", configs(*overrides), seed, acc=0.9 - 0.01 * seed)
+    fake_run(tmp_path / "runs" / "preset", configs("+experiment=sam_cifar", "dataset=digits", "model=mlp"), seed=0)
+    many = ("experiment,dataset.name,dataset.batch_size,model.name,model.hidden,loss.name,optimizer.name,"
+            "optimizer.base,optimizer.rho,optimizer.lr,optimizer.momentum,optimizer.weight_decay,optimizer.betas,"
+            "scheduler.name,trainer.epochs")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+        assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+        assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out2"), "--label", many]) == 0
+        groups = group_runs(find_runs([tmp_path / "runs"]))
+        for group in groups:  # one unbreakable label, as long as a config folder's name
+            group.label = "x" * 300 if group is groups[0] else " ".join([group.label] * 12)
+        rows = summarize(groups)
+        write_report(tmp_path / "out3", groups, rows, select_columns(rows, None, "test/acc"), "test/acc")
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(";")[0] for line in err] == ["report: 11 runs in 6 groups"] * 2, err
+    for out in ("out", "out2", "out3"):
+        assert (tmp_path / out / "bars.png").stat().st_size > 5000
+
+
+def test_a_summary_of_valid_json_with_wrong_types_is_an_unreadable_run(configs, tmp_path, capsys):
+    """`"final": [...]`, `"best": "x"`, a summary that is a list or torn: counted (as other), named, never
+    averaged; the other runs are reported."""
+    from runner.rundir import RunDir
+    from runner.run import check_owner
+
+    config = configs()
+    accs = (0.9, 0.8, 0.85)
+    for seed, acc in enumerate(accs):
+        fake_run(tmp_path / "runs" / f"seed={seed}", config, seed, acc=acc)
+    broken = {"final": lambda s: s.update(final=[0.5]), "best": lambda s: s.update(best="x"),
+              "seed": lambda s: s.update(seed="7"), "status": lambda s: s.update(status=["completed"])}
+    for seed, (name, edit) in enumerate(broken.items(), start=3):
+        edit_summary(fake_run(tmp_path / "runs" / f"seed={seed}", config, seed), edit)
+    for seed, text in ((7, "[1, 2]"), (8, '{"status": "comp')):
+        (fake_run(tmp_path / "runs" / f"seed={seed}", config, seed) / "summary.json").write_text(text)
+
+    assert main([str(tmp_path / "runs"), "--format", "csv", "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    (row,) = csv.DictReader(io.StringIO(captured.out))
+    assert (int(row["n"]), int(row["completed"]), int(row["other"])) == (9, 3, 6)
+    got = [float(row[f"final_test/acc_{f}"]) for f in ("mean", "std", "ci95")] + [int(row["final_test/acc_n"])]
+    assert got == pytest.approx(list(expected_stat(list(accs))))
+    note, done = captured.err.splitlines()
+    assert note.startswith("report: 6 runs with an unreadable summary, counted as other, not averaged: ")
+    for seed, why in ((3, '"final" is a list, not an object'), (4, '"best" is a string, not an object'),
+                      (5, '"seed" is a string, not an integer or null'), (6, '"status" is a list, not a string'),
+                      (7, "not a JSON object but a list"), (8, "summary.json is not JSON (torn or corrupt)")):
+        assert f"{tmp_path / 'runs' / f'seed={seed}'} (" in note and why in note, (seed, note)
+    assert done.startswith("report: 9 runs in 1 groups")
+
+    # the rerun of such a run (python -m runner, a sweep): no summary to trust, no crash
+    for seed in range(3, 9):
+        record = RunDir(tmp_path / "runs" / f"seed={seed}", create=False)
+        assert record.read_summary() is None
+        check_owner(record, signature(config), seed)  # nothing read, nothing to refuse
+    assert RunDir(tmp_path / "runs" / "seed=0", create=False).read_summary()["final"]["test/acc"] == 0.9

@@ -273,6 +273,9 @@ def test_resume_into_a_new_folder_continues_from_the_checkpoint(resume_source, t
 
     b = summary(b_dir)
     assert b["status"] == "completed" and b["resumed_from_epoch"] == 2
+    # the log names the checkpoint it continues from, and the folder it writes to
+    assert (f"resuming from {a_dir / 'checkpoints' / 'last.pt'} (epoch 2, step {2 * STEPS_PER_EPOCH}) into {b_dir}"
+            in (b_dir / "runner.log").read_text())
     assert (b["epochs"], b["steps"]) == (4, 4 * STEPS_PER_EPOCH)
     b_records = metrics(b_dir)
     assert [r["epoch"] for r in b_records] == [3, 4]

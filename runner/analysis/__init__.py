@@ -104,7 +104,8 @@ class Context:
         from runner.analysis.probe import Probe
 
         self.experiment, self.progress, self.plan, self.out_dir = experiment, progress, plan, out_dir
-        self.show_progress = show_progress
+        self.show_progress = show_progress  # True: bars; False: a start line and heartbeats (runner/heartbeat.py)
+        self._works: list = []
         self.probe = Probe(experiment.model, experiment.autocast())
         self.exact_probe = Probe(experiment.model)  # no autocast: curvature in fp32
         self._sets: dict = {} if sets_cache is None else sets_cache  # shared across calls during training
@@ -126,8 +127,27 @@ class Context:
             self._sets[key] = evaluation_sets(self.experiment.task, samples, seed, batch_size, splits)
         return self._sets[key]
 
+    def work(self, what: str, total: int, unit: str, detail: str = ""):
+        """A `runner.heartbeat.Work` for the analysis's loop (a bar, or a start line and heartbeats), closed when
+        the analysis returns or raises."""
+        from runner.heartbeat import Work
+
+        self._works.append(Work(what, total, unit=unit, detail=detail, show=self.show_progress))
+        return self._works[-1]
+
+    def close_work(self) -> None:
+        while self._works:
+            self._works.pop().close()
+
     def trajectory_dir(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "trajectory"
+
+
+def outcome_line(run_dir: Path, step: int | None, metrics: dict) -> str:
+    """The line that reports a run's analyses (`python -m runner.analyze`, and `python -m runner analysis=...`, on a
+    finished run too): `<run_dir>: step N: <name>/<key>=<value> ... -> <run_dir>/analysis`, keys sorted."""
+    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    return f"{run_dir}: step {step}: {shown or 'done'} -> {Path(run_dir) / 'analysis'}"
 
 
 def settings_of(choice: Choice, plan: Plan) -> dict:
@@ -142,7 +162,10 @@ def settings_of(choice: Choice, plan: Plan) -> dict:
 def run_analysis(choice: Choice, context: Context, write: bool) -> dict[str, float]:
     """Run one analysis; returns its scalars as `<name>/<key>` metrics. `write`: also its files in out_dir."""
     start = time.perf_counter()
-    outcome: Outcome = choice.build(context)
+    try:
+        outcome: Outcome = choice.build(context)
+    finally:
+        context.close_work()
     elapsed = time.perf_counter() - start
     metrics = {f"{choice.name}/{k}": float(v) for k, v in outcome.scalars.items()}
     if write and context.out_dir is not None:

@@ -13,10 +13,14 @@ L(w) = (1/N) sum_i loss(f(x_i; w), y_i) over an evaluation set of N samples:
   which finds the eigenvalue of largest |lambda|). Cost: one HVP per iteration.
 - `hutchinson_trace`: tr(H) ~ mean of z^T H z over Rademacher probes z (Hutchinson 1989; unbiased, exact on
   diagonal matrices). Cost: one HVP per probe.
+- `slq` / `spectral_grid` / `gaussian_density`: the eigenvalue density of H by stochastic Lanczos quadrature
+  (Ghorbani, Krishnan & Xiao 2019; Golub & Meurant 1994; PyHessian's `density()`), Gaussian-broadened on a grid.
+  Cost: probes x steps HVPs.
 - `sam_sharpness`: max_{||e|| <= rho} L(w + e) - L(w) (Foret et al. 2021, SAM), by normalized-gradient ascent;
   `adaptive=True`: the ball ||T^{-1} e|| <= rho, T = |w| + eta elementwise (Kwon et al. 2021, ASAM).
   Cost: `steps` forward+backward passes over the set plus one forward.
-- `edge_of_stability`: lambda_max * lr / 2 (Cohen et al. 2021); gradient descent is stable while it is < 1.
+- `edge_of_stability`: lambda_max * lr / factor (Cohen et al. 2021), factor 2 for gradient descent, 2 (1 + beta)
+  with heavy-ball momentum (the optimizer's own: runner/optim `Stability`); the step is stable while it is < 1.
 
 Conventions:
 - the model is evaluated in eval mode (BatchNorm with its running statistics, no dropout) through `Probe`, with
@@ -160,17 +164,20 @@ def _gaussian(like: Vector, seed: int) -> torch.Tensor:
     return (z / torch.linalg.vector_norm(z)).to(like[0].device, _work_dtype(like))
 
 
-def lanczos(hvp: Callable[[Vector], Vector], like: Vector, iterations: int = 20, seed: int = 0) -> dict:
+def lanczos(hvp: Callable[[Vector], Vector], like: Vector, iterations: int = 20, seed: int = 0,
+            start: torch.Tensor | None = None) -> dict:
     """Lanczos with full reorthogonalization: m = min(iterations, dimension) steps of
         w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1},  alpha_j = q_j^T H q_j,  then w -= Q Q^T w (twice),
         beta_j = ||w||,  q_{j+1} = w / beta_j,
-    from a seeded Gaussian q_0, stopping early on breakdown (beta_j ~ 0: the Krylov space is invariant and its
-    Ritz values are exact eigenvalues). The Ritz values are the eigenvalues of the tridiagonal T (alpha on the
-    diagonal, beta off it), computed in float64; the basis lives on the device in the parameters' dtype (at least
-    float32). One host sync per iteration.
+    from a seeded Gaussian q_0 (or from `start`, a flat vector, normalized here), stopping early on breakdown
+    (beta_j ~ 0: the Krylov space is invariant and its Ritz values are exact eigenvalues). The Ritz values are the
+    eigenvalues of the tridiagonal T (alpha on the diagonal, beta off it), computed in float64; the basis lives on
+    the device in the parameters' dtype (at least float32). One host sync per iteration.
 
     Returns {"eigenvalues": Ritz values, descending (np.ndarray), "lambda_max", "lambda_min", "iterations": m,
-    "residuals": ||H y - theta y|| = beta_m |s_m| for each Ritz pair (theta, y = Q s), in the same order}.
+    "residuals": ||H y - theta y|| = beta_m |s_m| for each Ritz pair (theta, y = Q s), "weights": s_1^2, the
+    first components squared (the Gauss quadrature weights of q_0's spectral measure: sum_i w_i f(theta_i) ~
+    q_0^T f(H) q_0, exact for polynomials of degree < 2m; they sum to 1), both in the same order}.
     """
     n = sum(t.numel() for t in like)
     m = min(int(iterations), n)
@@ -180,7 +187,10 @@ def lanczos(hvp: Callable[[Vector], Vector], like: Vector, iterations: int = 20,
     dtype = _work_dtype(like)
     tolerance = 100 * torch.finfo(dtype).eps
     basis = torch.empty(m, n, dtype=dtype, device=like[0].device)
-    basis[0] = _gaussian(like, seed)
+    if start is None:
+        basis[0] = _gaussian(like, seed)
+    else:
+        basis[0] = start.to(basis.device, dtype) / torch.linalg.vector_norm(start.to(dtype))
     alphas, betas, beta = [], [], torch.zeros((), dtype=dtype, device=basis.device)
     for j in range(m):
         w = paramspace.flatten(hvp(paramspace.unflatten(basis[j], like))).to(dtype)
@@ -202,19 +212,29 @@ def lanczos(hvp: Callable[[Vector], Vector], like: Vector, iterations: int = 20,
     order = np.argsort(theta)[::-1]
     return {"eigenvalues": theta[order], "lambda_max": float(theta[order[0]]),
             "lambda_min": float(theta[order[-1]]), "iterations": k,
-            "residuals": np.abs(betas[-1] * s[-1, order])}
+            "residuals": np.abs(betas[-1] * s[-1, order]), "weights": s[0, order] ** 2}
 
 
 def top_eigenvalues(hvp: Callable[[Vector], Vector], like: Vector, k: int = 1, iterations: int = 20,
                     seed: int = 0) -> dict:
     """The k largest Ritz values (algebraic) and the smallest, from one `lanczos` run. Fewer than k if Lanczos
-    stopped earlier (breakdown or a space of dimension < k)."""
+    stopped earlier (breakdown or a space of dimension < k): "note" then says which (else it is ""). Also every
+    Ritz value of the run ("ritz", descending) and its quadrature weight ("weights"): a one-probe sketch of the
+    spectrum (see `slq`)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     result = lanczos(hvp, like, max(iterations, k), seed)
     values = result["eigenvalues"]
+    n = sum(t.numel() for t in like)
+    note = ""
+    if len(values) < k:  # why fewer than k: the space, or a breakdown of the iteration
+        note = (f"the parameter space has {n} dimensions" if result["iterations"] == n else
+                f"Lanczos broke down after {result['iterations']} iterations: the Krylov space of its start vector "
+                f"is invariant, so it holds only {result['iterations']} eigenvalues of the Hessian (repeated ones, "
+                f"e.g. the zeros of a low-rank Hessian, count once; the space has {n} dimensions)")
     return {"top": [float(v) for v in values[:k]], "bottom": float(values[-1]), "lambda_max": result["lambda_max"],
-            "lambda_min": result["lambda_min"], "iterations": result["iterations"]}
+            "note": note, "lambda_min": result["lambda_min"], "iterations": result["iterations"], "ritz": values,
+            "weights": result["weights"]}
 
 
 def _rademacher(like: Vector, generator: torch.Generator) -> torch.Tensor:
@@ -239,6 +259,95 @@ def hutchinson_trace(hvp: Callable[[Vector], Vector], like: Vector, samples: int
     values = torch.stack(estimates).double().cpu().numpy()
     stderr = float(values.std(ddof=1) / np.sqrt(samples)) if samples > 1 else float("nan")
     return {"trace": float(values.mean()), "stderr": stderr, "samples": samples}
+
+
+# ---------------------------------------------------------------------------------------- eigenvalue density
+#: The density grid spans the nodes plus this many broadening widths on each side, so each Gaussian has at least
+#: 5 sigma of its mass on the grid (at most 2.9e-7 of it left outside, and only for the extreme nodes).
+DENSITY_PAD = 5.0
+
+
+def slq(hvp: Callable[[Vector], Vector], like: Vector, probes: int = 1, iterations: int = 90, seed: int = 0) -> dict:
+    """Stochastic Lanczos quadrature (SLQ) of the eigenvalue density of H: Ghorbani, Krishnan & Xiao 2019, "An
+    Investigation into Neural Net Optimization via Hessian Eigenvalue Density" (after Golub & Meurant's
+    Gauss quadrature by Lanczos, 1994); PyHessian's `density()` (Yao et al. 2020).
+
+    The spectral density phi(t) = (1/n) sum_i delta(t - lambda_i) of the n eigenvalues of H satisfies, for any f,
+        integral f phi = (1/n) tr f(H) = E_v[v^T f(H) v] ~ (1/P) sum_p sum_j w_pj f(theta_pj),
+    with v = z / sqrt(n), z Rademacher (E[v v^T] = I/n), one per probe p. (theta_pj, w_pj) are the Gauss quadrature
+    nodes and weights of v's spectral measure sum_i (u_i^T v)^2 delta(t - lambda_i): the Ritz values of m Lanczos
+    steps from v and the squared first components of the tridiagonal's eigenvectors (`lanczos`). Lanczos runs
+    with full reorthogonalization, as in PyHessian (without it, rounding makes ghost copies of converged
+    eigenvalues that take quadrature weight). Each probe's rule is exact for polynomials of degree < 2m, so
+    n * sum_j w_pj theta_pj = z_p^T H z_p: the trace estimate is Hutchinson's with the same probes, and
+    `hutchinson_trace` with the same seed draws the same z.
+
+    Probe p's z is the p-th Rademacher vector of a CPU generator seeded with `seed` (the same on every device).
+    Cost: P x min(iterations, n) HVPs (fewer when a probe's Krylov space closes: breakdown), and an
+    (iterations, n) basis on the device at a time.
+
+    Returns {"nodes": (P, m) Ritz values per probe, descending, nan after the probe's last step; "weights": (P, m),
+    0 there; "steps": (P,) Lanczos steps per probe; "dimension": n; "lambda_min", "lambda_max": the extreme nodes
+    over all probes; "trace": n * mean_p sum_j w_pj theta_pj; "trace_stderr": n * std_p(...) / sqrt(P) (ddof=1,
+    nan for P = 1); "second_moment": mean_p sum_j w_pj theta_pj^2 (~ tr(H^2) / n); "negative_mass": mean_p of the
+    weight at nodes below -"negative_tolerance" = sqrt(eps of the working dtype) * max |theta|, so that
+    numerically null directions (softmax's shift invariance, dead units) count as zero, not as negative}.
+    """
+    if probes < 1:
+        raise ValueError(f"slq needs probes >= 1, got {probes}")
+    n = sum(t.numel() for t in like)
+    m = min(int(iterations), n)
+    generator = torch.Generator().manual_seed(seed)
+    nodes, weights = np.full((probes, m), np.nan), np.zeros((probes, m))
+    steps = np.zeros(probes, dtype=np.int64)
+    for p in range(probes):
+        run = lanczos(hvp, like, m, start=_rademacher(like, generator))  # v = z / ||z|| = z / sqrt(n)
+        k = run["iterations"]
+        nodes[p, :k], weights[p, :k], steps[p] = run["eigenvalues"], run["weights"], k
+    theta = np.where(np.isfinite(nodes), nodes, 0.0)  # (P, m); padding has weight 0
+    first = (weights * theta).sum(1)                  # (P,) v_p^T H v_p
+    tolerance = float(np.sqrt(torch.finfo(_work_dtype(like)).eps) * np.abs(theta).max())
+    return {"nodes": nodes, "weights": weights, "steps": steps, "dimension": n,
+            "lambda_min": float(np.nanmin(nodes)), "lambda_max": float(np.nanmax(nodes)),
+            "trace": float(n * first.mean()),
+            "trace_stderr": float(n * first.std(ddof=1) / np.sqrt(probes)) if probes > 1 else float("nan"),
+            "second_moment": float((weights * theta ** 2).sum(1).mean()),
+            "negative_mass": float(np.where(theta < -tolerance, weights, 0.0).sum(1).mean()),
+            "negative_tolerance": tolerance}
+
+
+def spectral_grid(nodes: np.ndarray, sigma: float, points: int) -> tuple[np.ndarray, float]:
+    """(grid, sigma_abs) for `gaussian_density`: the broadening sigma_abs = sigma * width, width = the span of the
+    finite nodes (max - min; for a single point, its |value|, or 1 at zero), and `points` equally spaced values
+    over [min - DENSITY_PAD sigma_abs, max + DENSITY_PAD sigma_abs]."""
+    finite = np.asarray(nodes, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0 or not 0 < sigma or points < 2:
+        raise ValueError(f"spectral_grid needs finite nodes, sigma > 0 and points >= 2 (sigma={sigma}, "
+                         f"points={points}, {finite.size} finite nodes)")
+    low, high = float(finite.min()), float(finite.max())
+    width = high - low if high > low else (abs(high) or 1.0)
+    sigma_abs = sigma * width
+    return np.linspace(low - DENSITY_PAD * sigma_abs, high + DENSITY_PAD * sigma_abs, points), sigma_abs
+
+
+def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma_abs: float) -> np.ndarray:
+    """phi_sigma(t) = (1/P) sum_p sum_j w_pj N(t; theta_pj, sigma_abs^2) on `grid`: the SLQ density broadened by a
+    Gaussian of standard deviation sigma_abs, as Ghorbani et al. 2019 and PyHessian do. nodes and weights are
+    (P, m) (nan nodes are padding); for the exact density of a dense spectrum pass its n eigenvalues as (1, n) and
+    weights 1/n. Integrates to sum_pj w_pj / P = 1 up to the tails left outside the grid (< 3e-7 on a
+    `spectral_grid`), so it is not renormalized (PyHessian renormalizes on its narrower grid).
+    Cost: P * m * len(grid) exponentials, in chunks of ~4M."""
+    nodes, weights = np.asarray(nodes, dtype=float), np.asarray(weights, dtype=float)
+    keep = np.isfinite(nodes)
+    theta, w = nodes[keep], weights[keep] / nodes.shape[0]  # (K,) every probe's nodes; / P: the mean over probes
+    grid = np.asarray(grid, dtype=float)
+    density = np.empty_like(grid)
+    chunk = max(1, (1 << 22) // max(1, theta.size))
+    for start in range(0, grid.size, chunk):
+        t = grid[start:start + chunk, None]                                      # (c, 1)
+        density[start:start + chunk] = (w * np.exp(-0.5 * ((t - theta) / sigma_abs) ** 2)).sum(1)
+    return density / (sigma_abs * np.sqrt(2 * np.pi))
 
 
 # -------------------------------------------------------------------------------------------------- sharpness
@@ -271,9 +380,10 @@ def sam_sharpness(probe, params: Vector, data: EvalSet, objective=None, rho: flo
     return {"sharpness": perturbed - loss, "loss": loss, "perturbed_loss": perturbed}
 
 
-def edge_of_stability(lambda_max: float, lr: float) -> float:
-    """lambda_max * lr / 2: gradient descent on a quadratic is stable while lambda_max < 2 / lr, i.e. while this
-    ratio is < 1; full-batch GD drives it to ~1 (Cohen et al. 2021, "Gradient descent on neural networks
-    typically occurs at the edge of stability"). For SGD with (heavy-ball) momentum beta the threshold is
-    lambda_max = 2 (1 + beta) / lr; this function keeps the plain-GD ratio convention lambda * lr / 2."""
-    return lambda_max * lr / 2
+def edge_of_stability(lambda_max: float, lr: float, factor: float = 2.0) -> float:
+    """lambda_max * lr / factor = lambda_max / (factor / lr): gradient descent on a quadratic is stable while
+    lambda_max < 2 / lr, i.e. while this ratio is < 1; full-batch GD drives it to ~1 (Cohen et al. 2021,
+    "Gradient descent on neural networks typically occurs at the edge of stability"). Other optimizers have other
+    factors: 2 (1 + beta) for heavy-ball momentum beta, (2 + 2 beta) / (1 + 2 beta) for Nesterov; each optimizer
+    declares its own (runner/optim: `Stability`, `stability(choice)`), and the hessian analysis uses that."""
+    return lambda_max * lr / factor

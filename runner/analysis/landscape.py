@@ -28,6 +28,9 @@ Conventions (where reference implementations differ, this is what we do):
 - Interpolation (Li Sec. 3, after Goodfellow et al. 2015) is `(1 - alpha) * a + alpha * b` for the parameters and
   for every floating-point buffer (BN running statistics too); integer buffers (`num_batches_tracked`) are `a`'s.
   Alpha 0 and 1 are the two models exactly. `bn="recalibrate"` re-estimates BN at each point instead.
+- Saved directions: the analyses write each landscape's directions into its `.npz` (`direction_x`, `direction_y`,
+  flattened in parameter order, with `direction_names` and `direction_shapes`); `load_directions(run_dir, name)`
+  reads them back by parameter name, so another run can be projected on the same plane.
 - PCA directions (Li Sec. 7): the rows `w_i - w_final` of the saved checkpoints, centred on their mean as the
   reference does (it calls sklearn's PCA); the first two principal axes, unit norm, are d1 and d2, with the
   explained variance ratio of each. The trajectory's coordinates are the projections of `w_i - w_final` (not
@@ -42,7 +45,9 @@ point-by-point loop with a warning; `points_per_batch=1` asks for the loop.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -97,6 +102,61 @@ def second_direction(like: list[Tensor], seed: int, normalization: str = "filter
                      ignore_vectors: bool = True) -> list[Tensor]:
     """The y direction of a 2-D grid whose x direction is `random_direction(like, seed, ...)`: seed + 1."""
     return random_direction(like, seed + 1, normalization, ignore_vectors)
+
+
+#: The axes a saved landscape can have directions for: "x" (every landscape), "y" (2-D grids and PCA).
+AXES = ("x", "y")
+
+
+def direction_arrays(names: list[str], directions: dict[str, list[Tensor]]) -> dict[str, np.ndarray]:
+    """The directions of a landscape as `.npz` arrays: `direction_<axis>` (every tensor flattened and concatenated
+    in parameter order, in the parameters' dtype: the values the grid was computed with, exactly),
+    `direction_names` (the parameter names) and `direction_shapes` ("64,32" per tensor; "" for a scalar), which
+    `load_directions` reads back."""
+    out = {}
+    for axis, direction in directions.items():
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}; one of {', '.join(AXES)}")
+        if len(direction) != len(names):
+            raise ValueError(f"direction {axis} has {len(direction)} tensors for {len(names)} parameter names")
+        out[f"direction_{axis}"] = (torch.cat([d.detach().reshape(-1).cpu() for d in direction]).numpy()
+                                    if direction else np.zeros(0, dtype=np.float32))
+    first = next(iter(directions.values()))
+    out["direction_names"] = np.asarray(list(names), dtype=str)
+    out["direction_shapes"] = np.asarray([",".join(str(n) for n in d.shape) for d in first], dtype=str)
+    return out
+
+
+def load_directions(run_dir, name: str = "landscape_2d") -> dict[str, dict[str, Tensor]]:
+    """The directions a saved landscape was computed along: {"x": {parameter name: tensor}, "y": {...}} ("y" for
+    `landscape_2d` and `pca`), CPU tensors shaped like the parameters, from `<run_dir>/analysis/<name>.npz` (or
+    `run_dir` itself when it is that .npz file). A grid point (x, y) is the run's weights w + x d_x + y d_y:
+
+        d = load_directions("outputs/sgd_run", "landscape_2d")   # {"x": {name: tensor}, "y": {...}}
+
+    e.g. a second run's weights w' on the same plane: solve the 2 x 2 least-squares system of the flattened
+    d_x, d_y for w' - w (`paramspace.flatten` of `[d["x"][n] for n in names]`, in `Probe.names` order)."""
+    path = Path(run_dir)
+    if path.suffix != ".npz":
+        path = path / "analysis" / f"{name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"no landscape arrays at {path} (run the analysis {name} first)")
+    with np.load(path, allow_pickle=False) as saved:
+        if "direction_names" not in saved.files:
+            raise ValueError(f"{path} holds no directions (written before landscapes saved them): run the analysis "
+                             "again, or rebuild them with random_direction(params, seed) / second_direction")
+        names = [str(n) for n in saved["direction_names"]]
+        shapes = [tuple(int(n) for n in text.split(",")) if text else () for text in saved["direction_shapes"]]
+        out = {}
+        for axis in AXES:
+            if f"direction_{axis}" not in saved.files:
+                continue
+            flat = torch.from_numpy(saved[f"direction_{axis}"].copy())
+            sizes = [math.prod(shape) for shape in shapes]
+            if sum(sizes) != flat.numel():
+                raise ValueError(f"{path}: direction_{axis} has {flat.numel()} numbers for parameters of {sum(sizes)}")
+            out[axis] = {n: t.reshape(shape) for n, t, shape in zip(names, flat.split(sizes), shapes)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -202,8 +262,9 @@ def _evaluate(probe: Probe, points: _Points, sets: dict[str, EvalSet], bn: str, 
             raise ValueError(f"points_per_batch must be at least 1, not {points_per_batch}")
         per = 1 if recalibrate else min(int(points_per_batch), max(n, 1))
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False)
+    from runner.heartbeat import Work
+    samples = " + ".join(f"{len(data)} {split}" for split, data in sets.items())
+    bar = Work(desc, n, unit="points", detail=f"on {samples} samples", show=progress)
     losses: dict[str, list[Tensor]] = {s: [] for s in sets}
     corrects: dict[str, list[Tensor]] = {s: [] for s in sets}
     start = 0

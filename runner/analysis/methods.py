@@ -4,15 +4,22 @@ landscape_1d, landscape_2d  Li et al. 2018 filter-normalized random slices (runn
 interpolate                 linear path between this run and `analysis.other` (Goodfellow et al. 2015)
 pca                         Li et al. 2018 Sec. 7: the plane of the training trajectory's top two PCA directions
 hessian                     top-k / smallest eigenvalues (Lanczos), trace (Hutchinson), edge-of-stability ratio
+                            (lambda_max over the optimizer's own threshold at the lr of the last step taken)
+hessian_density             eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019, PyHessian)
 sharpness                   SAM sharpness, one-step and by ascent, and its adaptive (ASAM) form
 
 Conventions, shared: landscapes report plain float32 cross-entropy and accuracy (the numbers of `train/loss`,
 `test/loss`, comparable across objectives) on fixed seeded subsets without augmentation; curvature and
 sharpness use the run's training objective (what the optimizer minimizes) without weight decay, in fp32,
-BN in eval mode (running statistics), on the training subset.
+BN in eval mode (running statistics), on the training subset; hessian_density the same, but of the plain
+cross-entropy by default (its `loss: objective` gives the objective's). Landscapes save their directions in their
+.npz (`landscape.load_directions`); their statistics are relative to the checkpoint's own loss (evaluated on its own
+when the grid has no point at 0) and count the grid points whose loss is not finite.
 """
 from __future__ import annotations
 
+import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,6 +31,7 @@ from runner import paramspace
 from runner.analysis import ANALYSES, Context, Outcome
 from runner.config import Checked, check
 
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ shared settings
 
@@ -72,24 +80,56 @@ def _axis(obj, name: str) -> None:
     check(2 <= points <= 10001, f"{name}_points", points, "2..10001")
 
 
-def _title(settings, context: Context, extra: str = "") -> str:
+def _title(settings, context: Context, extra: str = "", sets: dict | None = None) -> str:
+    """Two lines: the run and step; the settings, with the number of samples each split really has (`sets`: the
+    evaluation sets used, e.g. "1437 train / 360 test samples"; the configured `samples` is only a cap)."""
     spec = context.experiment.spec
+    counts = (" / ".join(f"{len(data)} {split}" for split, data in sets.items()) + " samples" if sets
+              else f"{settings.samples or 'all'} samples/split")
     parts = [f"{spec.experiment} {spec.model.name}/{spec.optimizer.name} seed {spec.seed}",
-             f"step {context.progress.step}", f"BN {settings.bn}",
-             f"{settings.samples or 'all'} samples/split, seed {settings.seed}"]
+             f"step {context.progress.step}", f"BN {settings.bn}", f"{counts}, seed {settings.seed}"]
     return ", ".join(parts[:2]) + "\n" + ", ".join(parts[2:] + ([extra] if extra else []))
 
 
-def _landscape_scalars(arrays: dict, center) -> dict:
-    """Numbers a report can compare: loss at the centre and the largest rise within the slice."""
+def _landscape_scalars(arrays: dict, center: dict[str, float]) -> dict:
+    """Numbers a report can compare, per split: the loss at the checkpoint (`center`: "<split>_loss" -> its loss),
+    the largest rise above it within the slice, and how many grid points have a non-finite loss. A NaN anywhere
+    makes the rise NaN, an inf (and no NaN) makes it inf: a slice that diverges somewhere never reports a
+    rise of 0."""
     out = {}
     for key, values in arrays.items():
         if key.endswith("_loss"):
-            split = key[:-5]
-            finite = values[np.isfinite(values)]
-            out[f"{split}_loss_center"] = float(values[center])
-            out[f"{split}_loss_max_rise"] = float(finite.max() - values[center]) if finite.size else float("nan")
+            split, values = key[:-5], np.asarray(values, dtype=float)
+            out[f"{split}_loss_center"] = float(center[key])
+            out[f"{split}_loss_max_rise"] = float(np.max(values) - center[key])  # np.max propagates NaN
+            out[f"{split}_loss_nonfinite"] = int(np.count_nonzero(~np.isfinite(values)))
     return out
+
+
+def _checkpoint_losses(context: Context, arrays: dict, index, sets: dict, s, name: str
+                       ) -> tuple[dict[str, float], dict]:
+    """The loss of each split at the checkpoint itself (coordinate 0): the grid's own point `index` when the grid
+    has it (None: it does not, e.g. an even number of points over a symmetric range, or a range without 0), else
+    one more evaluation at w. Returns (losses, info for the json); logs one line when the grid has non-finite
+    points or no centre."""
+    info = {}
+    if index is not None:
+        center = {k: float(v[index]) for k, v in arrays.items() if k.endswith("_loss")}
+    else:  # the grid's own evaluation at w, with the grid's BN mode
+        probe = context.probe
+        buffers = probe.buffers_at(probe.params, s.bn, sets.get("train"))
+        center = {f"{split}_loss": probe.evaluate(probe.params, data, buffers)["loss"] for split, data in sets.items()}
+        info["center"] = ("the grid has no point at the checkpoint (coordinate 0); the statistics are relative to "
+                          "its own loss, evaluated separately")
+        log.info("%s: %s", name, info["center"])
+    bad = {k[:-5]: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items() if k.endswith("_loss")}
+    bad = {split: n for split, n in bad.items() if n}
+    if bad:
+        total = next(iter(arrays[k] for k in arrays if k.endswith("_loss"))).size
+        info["nonfinite"] = (", ".join(f"{split}: {n} of {total}" for split, n in bad.items())
+                             + " grid points have a non-finite loss (max_rise is then nan or inf)")
+        log.warning("%s: %s", name, info["nonfinite"])
+    return center, info
 
 
 # ----------------------------------------------------------------------------------------------- landscapes
@@ -114,10 +154,13 @@ def landscape_1d(context: Context, **settings) -> Outcome:
     xs = np.linspace(s.x_min, s.x_max, s.x_points)
     arrays = landscape.landscape_1d(probe, probe.params, direction, sets, xs, bn=s.bn,
                                     points_per_batch=s.points_per_batch, progress=context.show_progress)
-    title = _title(s, context, f"{s.normalization}-normalized direction")
+    title = _title(s, context, f"{s.normalization}-normalized direction", sets)
     center = int(np.argmin(np.abs(xs)))
-    return Outcome(scalars=_landscape_scalars(arrays, center) if xs[center] == 0 else {}, arrays=arrays,
-                   figures={"": lambda path: plots.plot_1d(arrays, path, title)}, info={"bn": s.bn})
+    losses, info = _checkpoint_losses(context, arrays, center if xs[center] == 0 else None, sets, s, "landscape_1d")
+    figures = {"": lambda path: plots.plot_1d(arrays, path, title)}
+    arrays = {**arrays, **landscape.direction_arrays(probe.names, {"x": direction})}
+    return Outcome(scalars=_landscape_scalars(arrays, losses), arrays=arrays, figures=figures,
+                   info={"bn": s.bn, **info})
 
 
 @dataclass
@@ -143,14 +186,21 @@ def landscape_2d(context: Context, **settings) -> Outcome:
     xs, ys = np.linspace(s.x_min, s.x_max, s.x_points), np.linspace(s.y_min, s.y_max, s.y_points)
     arrays = landscape.landscape_2d(probe, probe.params, d1, d2, sets, xs, ys, bn=s.bn,
                                     points_per_batch=s.points_per_batch, progress=context.show_progress)
-    return _grid_outcome(arrays, xs, ys, s, _title(s, context, f"{s.normalization}-normalized directions"))
+    cx, cy = int(np.argmin(np.abs(xs))), int(np.argmin(np.abs(ys)))
+    losses, info = _checkpoint_losses(context, arrays, (cy, cx) if xs[cx] == 0 and ys[cy] == 0 else None, sets, s,
+                                      "landscape_2d")
+    outcome = _grid_outcome(arrays, xs, ys, s, _title(s, context, f"{s.normalization}-normalized directions", sets),
+                            info=info)
+    outcome.scalars = _landscape_scalars(arrays, losses)
+    outcome.arrays = {**arrays, **landscape.direction_arrays(probe.names, {"x": d1, "y": d2})}
+    return outcome
 
 
 def _grid_outcome(arrays: dict, xs, ys, s, title: str, trajectory=None, info: dict | None = None) -> Outcome:
+    """The figures of a 2-D grid (contours per split, the train surface) and its arrays; no scalars (the caller's)."""
     from runner.analysis import plots
 
-    cx, cy = int(np.argmin(np.abs(xs))), int(np.argmin(np.abs(ys)))
-    scalars = _landscape_scalars(arrays, (cy, cx)) if xs[cx] == 0 and ys[cy] == 0 else {}
+    scalars = {}
     figures = {}
     for split in [k[:-5] for k in arrays if k.endswith("_loss")]:
         figures[f"_{split}_contour"] = (lambda sp: lambda path: plots.plot_contour(
@@ -195,7 +245,7 @@ def interpolate(context: Context, **settings) -> Outcome:
     arrays = landscape.interpolate(context.probe, context.probe.params, probe_b.params, sets, alphas, bn=s.bn,
                                    buffers_a=context.probe.buffers, buffers_b=probe_b.buffers, probe_b=probe_b)
     distance = paramspace.norm(paramspace.sub(probe_b.params, context.probe.params)).item()
-    title = _title(s, context, f"0 = this run, 1 = {Path(context.plan.other).name}")
+    title = _title(s, context, f"0 = this run, 1 = {Path(context.plan.other).name}", sets)
     scalars = {"distance": distance}
     for key, values in arrays.items():  # the barrier: the largest rise above the straight line between ends
         if key.endswith("_loss") and np.all(np.isfinite(values)):
@@ -276,10 +326,11 @@ def pca(context: Context, **settings) -> Outcome:
     arrays["trajectory_steps"] = np.asarray([state["step"] for state in saved])
     arrays["explained_variance_ratio"] = np.asarray(found["explained_variance_ratio"], dtype=float)
     ratio = arrays["explained_variance_ratio"]
-    title = _title(s, context, f"PCA of {len(saved)} snapshots: {100 * ratio[0]:.1f}% + {100 * ratio[1]:.1f}%")
+    title = _title(s, context, f"PCA of {len(saved)} snapshots: {100 * ratio[0]:.1f}% + {100 * ratio[1]:.1f}%",
+                   sets)
     outcome = _grid_outcome({k: v for k, v in arrays.items() if k.endswith(("_loss", "_acc")) or k in ("x", "y")},
                             xs, ys, s, title, trajectory=coords, info={"snapshots": len(saved)})
-    outcome.arrays = arrays
+    outcome.arrays = {**arrays, **landscape.direction_arrays(probe.names, {"x": found["d1"], "y": found["d2"]})}
     outcome.scalars = {"explained_variance_1": float(ratio[0]), "explained_variance_2": float(ratio[1])}
     return outcome
 
@@ -309,29 +360,86 @@ def hessian(context: Context, **settings) -> Outcome:
     s = Hessian(**settings)
     probe = context.exact_probe
     data = context.sets(s.samples, s.seed, s.batch_size, splits=("train",))["train"]
+    work = context.work("hessian", s.iterations + s.trace_samples, "Hessian-vector products", f"on {len(data)} samples")
     hvp = curvature.hvp_function(probe, probe.params, data, context.experiment.objective, method=s.method)
-    top = curvature.top_eigenvalues(hvp, probe.params, k=s.top_k, iterations=s.iterations, seed=s.seed)
-    scalars = {"lambda_max": top["lambda_max"], "lambda_min": top["lambda_min"],
-               "eos_ratio": curvature.edge_of_stability(top["lambda_max"], context.lr)}
+    top = curvature.top_eigenvalues(work.counting(hvp), probe.params, k=s.top_k, iterations=s.iterations, seed=s.seed)
+    scalars = {"lambda_max": top["lambda_max"], "lambda_min": top["lambda_min"]}
+    rule, eos = _edge_of_stability(context, top["lambda_max"])
+    if eos["eos_ratio"] is not None:
+        scalars["eos_ratio"] = eos["eos_ratio"]
     for i, value in enumerate(top["top"][1:], start=2):
         scalars[f"lambda_{i}"] = value
+    info = {"lr": eos["lr"], "edge_of_stability": eos}
+    if len(top["top"]) < s.top_k:
+        info["top_k"] = f"top_k={s.top_k}: {len(top['top'])} eigenvalues returned: {top['note']}"
+        log.warning("hessian: %s", info["top_k"])
     if s.trace_samples:
-        trace = curvature.hutchinson_trace(hvp, probe.params, samples=s.trace_samples, seed=s.seed)
+        trace = curvature.hutchinson_trace(work.counting(hvp), probe.params, samples=s.trace_samples, seed=s.seed)
         scalars.update(trace=trace["trace"], trace_stderr=trace["stderr"])
-    arrays = {"top": np.asarray(top["top"], dtype=float)}
-    figures = {}
-    curve = _curve_over_training(context, "hessian/lambda_max", scalars["lambda_max"])
+    arrays = {"top": np.asarray(top["top"], dtype=float), "ritz_values": top["ritz"], "ritz_weights": top["weights"]}
+    figures = {"": lambda path: _plot_ritz(top, scalars, s, len(data), path, context)}
+    curve = _curve_over_training(context, "hessian/lambda_max", scalars["lambda_max"], eos["lr"])
     if curve is not None:
         arrays.update(curve)
-        figures["_over_training"] = lambda path: _plot_lambda_over_training(curve, path, context)
+        figures["_over_training"] = lambda path: _plot_lambda_over_training(curve, path, context, rule)
     return Outcome(scalars=scalars, arrays=arrays, figures=figures,
-                   info={"lr": context.lr, "iterations": top["iterations"], "samples": len(data),
+                   info={**info, "iterations": top["iterations"], "samples": len(data),
                          "hvp": getattr(hvp, "method", s.method)})
 
 
-def _curve_over_training(context: Context, key: str, now: float) -> dict | None:
+def _step_lr(context: Context) -> tuple[float | None, str]:
+    """(the learning rate of the last step taken, "") or (None, why there is none). Not the lr the optimizer holds
+    now: that is the schedule's value for the next step, 0 at the end of a cosine schedule."""
+    lr = getattr(context.progress, "last_step_lr", None)
+    if lr is not None and lr > 0:
+        return float(lr), ""
+    if context.progress.step == 0:
+        return None, "no step taken yet, so no learning rate to compare lambda_max with"
+    if lr is None:
+        return None, (f"the checkpoint does not record the learning rate of its last step (written before the runner "
+                      f"recorded it); the lr it holds, {context.lr:.4g}, is the schedule's value for a next step "
+                      "(0 at the end of a cosine schedule), so no ratio is given")
+    return None, f"the last step's learning rate was {lr:g}"
+
+
+def _edge_of_stability(context: Context, lambda_max: float):
+    """(the optimizer's stability rule, the json's `edge_of_stability`): its threshold formula (runner/optim:
+    `stability`, declared by each optimizer; a wrapper's is its base's), the lr of the last step, the threshold
+    and eos_ratio = lambda_max / threshold (None, with `no_ratio` saying why, where there is none)."""
+    from runner.optim import stability
+
+    rule = stability(context.experiment.spec.optimizer)
+    lr, why = _step_lr(context)
+    eos = {**rule.describe(), "lr": lr, "threshold": None, "eos_ratio": None}
+    if rule.factor is None:
+        eos["no_ratio"] = rule.note
+    elif lr is None:
+        eos["no_ratio"] = why
+    else:
+        eos["threshold"], eos["eos_ratio"] = rule.threshold(lr), rule.ratio(lambda_max, lr)
+    return rule, eos
+
+
+def _caption(context: Context) -> str:
+    spec = context.experiment.spec
+    return f"{spec.experiment} {spec.model.name}/{spec.optimizer.name} seed {spec.seed}, step {context.progress.step}"
+
+
+def _plot_ritz(top: dict, scalars: dict, s: Hessian, samples: int, path: Path, context: Context):
+    from runner.analysis import plots
+
+    trace = (f", trace {scalars['trace']:.4g} ± {scalars['trace_stderr']:.2g} ({s.trace_samples} probes)"
+             if "trace" in scalars else "")
+    title = (f"{_caption(context)}: Hessian Ritz values of one Lanczos run ({top['iterations']} steps)\n"
+             f"training objective without weight decay, BN eval, {samples} train samples, seed {s.seed}\n"
+             f"lambda_max {scalars['lambda_max']:.4g}, lambda_min {scalars['lambda_min']:.4g}{trace}")
+    return plots.plot_ritz(top["ritz"], top["weights"], path, title, top_k=len(top["top"]))
+
+
+def _curve_over_training(context: Context, key: str, now: float, lr_now: float | None = None) -> dict | None:
     """The values of `key` logged during training (metrics.jsonl) up to this step, this one last, with the lr of
-    each record; None when fewer than two points (no curve to draw)."""
+    each record (this one's: `lr_now`, the last step's, nan when unknown); None when fewer than two points (no
+    curve to draw)."""
     from runner.rundir import METRICS, read_jsonl
 
     if context.out_dir is None:
@@ -344,7 +452,7 @@ def _curve_over_training(context: Context, key: str, now: float) -> dict | None:
             lrs.append(_lr_at(context, record))
     steps.append(context.progress.step)
     values.append(now)
-    lrs.append(context.lr)
+    lrs.append(float("nan") if lr_now is None else lr_now)
     if len(steps) < 2:
         return None
     return {"curve_steps": np.asarray(steps), "curve_lambda_max": np.asarray(values), "curve_lr": np.asarray(lrs)}
@@ -362,17 +470,100 @@ def _lr_at(context: Context, record: dict) -> float:
     return float(earlier[-1]) if earlier else float("nan")
 
 
-def _plot_lambda_over_training(curve: dict, path: Path, context: Context):
+def _plot_lambda_over_training(curve: dict, path: Path, context: Context, rule):
+    """lambda_max against the step, with the optimizer's own stability threshold (`rule`, runner/optim's
+    `Stability`) as a dashed line labelled with its formula; without one (adaptive methods) the title says why."""
     from runner.analysis import plots
 
-    lr = curve["curve_lr"]
-    with np.errstate(divide="ignore"):
-        threshold = np.where(lr > 0, 2.0 / np.where(lr > 0, lr, 1.0), np.nan)
     spec = context.experiment.spec
     title = (f"{spec.experiment} {spec.model.name}/{spec.optimizer.name} seed {spec.seed}: top Hessian eigenvalue "
-             "over training\n(edge of stability, Cohen et al. 2021: GD is stable while lambda_max < 2/lr)")
-    return plots.plot_curve(curve["curve_steps"], {"lambda_max": curve["curve_lambda_max"], "2/lr": threshold},
-                            path, title, ylabel="lambda_max of the training loss", log=True)
+             "over training")
+    series = {"lambda_max": curve["curve_lambda_max"]}
+    threshold = None
+    if rule.factor is not None:
+        lr = np.asarray(curve["curve_lr"], dtype=float)
+        threshold = f"{rule.formula}, {rule.rule}"
+        series[threshold] = np.where(lr > 0, rule.factor / np.where(lr > 0, lr, 1.0), np.nan)
+        text = (f"edge of stability, Cohen et al. 2021: stable while lambda_max < {rule.formula}, {rule.rule}"
+                + (f"; {rule.note}" if rule.note else ""))
+    else:
+        text = f"{spec.optimizer.name}: {rule.note}"
+    title += "\n" + "\n".join(textwrap.wrap(f"({text})", 90))
+    return plots.plot_curve(curve["curve_steps"], series, path, title, ylabel="lambda_max of the training loss",
+                            log=True, threshold=threshold)
+
+
+@dataclass
+class HessianDensity(Subsets):
+    probes: int = 3               # n_v: Rademacher start vectors; the density is the mean of their quadratures
+    iterations: int = 90          # Lanczos steps per probe (full reorthogonalization): the quadrature's nodes
+    sigma: float = 0.01           # Gaussian broadening, standard deviation as a fraction of the spectrum's width
+    grid_points: int = 10000      # the density's grid over [lambda_min, lambda_max] +- 5 broadening sigmas
+    loss: str = "plain"           # plain: cross-entropy (the measured train/loss); objective: the training loss
+    method: str = "auto"          # HVP: forward_over_reverse, double_backward, or auto
+
+    def check(self):
+        from runner.analysis.curvature import DENSITY_PAD, METHODS
+
+        check(1 <= self.probes <= 10000, "probes", self.probes, "1..10000")
+        check(2 <= self.iterations <= 1000, "iterations", self.iterations, "2..1000")
+        check(bool(np.isfinite(self.sigma)) and 0 < self.sigma <= 1, "sigma", self.sigma,
+              "a finite fraction of the spectrum's width in (0, 1]")
+        # grid spacing <= sigma / 2, so the broadened density is resolved (and sums to 1 on the grid)
+        needed = int(np.ceil(2 * (1 + 2 * DENSITY_PAD * self.sigma) / self.sigma)) + 1
+        check(needed <= self.grid_points <= 1_000_000, "grid_points", self.grid_points,
+              f"{needed}..1000000 (two points per broadening sigma={self.sigma:g} of the width)")
+        check(self.loss in ("plain", "objective"), "loss", self.loss, "plain, objective")
+        check(self.method in METHODS, "method", self.method, ", ".join(METHODS))
+
+
+@ANALYSES.register("hessian_density", HessianDensity,
+                   "Hessian eigenvalue density, stochastic Lanczos quadrature (Ghorbani et al. 2019)", periodic=True)
+def hessian_density(context: Context, **settings) -> Outcome:
+    """Ghorbani, Krishnan & Xiao 2019, "An Investigation into Neural Net Optimization via Hessian Eigenvalue
+    Density": the spectral density of the Hessian by stochastic Lanczos quadrature (`curvature.slq`: `probes`
+    Rademacher starts, `iterations` Lanczos steps each with full reorthogonalization, as PyHessian's `density()`),
+    broadened by a Gaussian of `sigma` x the spectrum's width (`curvature.gaussian_density`).
+
+    Conventions: the Hessian of the plain cross-entropy (the measured `train/loss`, not the training objective:
+    label smoothing or a regularizing loss would shift the spectrum; `loss: objective` asks for the objective's),
+    weight decay excluded; BN in eval mode (running statistics) and no dropout, as `hessian`; fp32 (float64 in
+    float64 runs); a seeded training subset of `samples`. Cost: probes x iterations HVPs over that subset.
+    """
+    from runner.analysis import curvature, plots
+
+    s = HessianDensity(**settings)
+    probe = context.exact_probe
+    data = context.sets(s.samples, s.seed, s.batch_size, splits=("train",))["train"]
+    objective = context.experiment.objective if s.loss == "objective" else None
+    loss = f"training objective {context.experiment.spec.loss.name} (no weight decay)" if objective is not None \
+        else "plain cross-entropy"
+    n = sum(p.numel() for p in probe.params)
+    work = context.work("hessian_density", s.probes * min(s.iterations, n), "Hessian-vector products",
+                        f"on {len(data)} samples")  # at most: a probe stops early on breakdown
+    hvp = curvature.hvp_function(probe, probe.params, data, objective, method=s.method)
+    found = curvature.slq(work.counting(hvp), probe.params, probes=s.probes, iterations=s.iterations, seed=s.seed)
+    grid, sigma_abs = curvature.spectral_grid(found["nodes"], s.sigma, s.grid_points)
+    density = curvature.gaussian_density(found["nodes"], found["weights"], grid, sigma_abs)
+    scalars = {k: found[k] for k in ("lambda_max", "lambda_min", "negative_mass", "trace")}
+    if s.probes > 1:
+        scalars["trace_stderr"] = found["trace_stderr"]
+    arrays = {"nodes": found["nodes"], "weights": found["weights"], "steps": found["steps"], "grid": grid,
+              "density": density}
+    steps = sorted({int(k) for k in found["steps"]})
+    info = {"parameters": found["dimension"], "samples": len(data), "probes": s.probes,
+            "steps": steps[0] if len(steps) == 1 else steps, "sigma_abs": sigma_abs,
+            "second_moment": found["second_moment"], "negative_tolerance": found["negative_tolerance"],
+            "loss": loss, "bn": "eval", "hvp": getattr(hvp, "method", s.method)}
+    n_steps = str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    title = (f"{_caption(context)}: Hessian eigenvalue density by SLQ (Ghorbani et al. 2019)\n"
+             f"{len(data)} train samples, {s.probes} probe{'s' if s.probes != 1 else ''} x {n_steps} Lanczos steps, "
+             f"sigma = {s.sigma:g} x width = {sigma_abs:.3g}\n{loss}, BN eval, {found['dimension']:,} parameters")
+    stats = {"lambda_min": found["lambda_min"], "lambda_max": found["lambda_max"],
+             "negative mass": found["negative_mass"], "trace": found["trace"]}
+    return Outcome(scalars=scalars, arrays=arrays, info=info,
+                   figures={"": lambda path: plots.plot_density(grid, density, path, title, nodes=found["nodes"],
+                                                                stats=stats)})
 
 
 @dataclass
@@ -398,12 +589,17 @@ def sharpness(context: Context, **settings) -> Outcome:
     s = Sharpness(**settings)
     probe, objective = context.exact_probe, context.experiment.objective
     data = context.sets(s.samples, s.seed, s.batch_size, splits=("train",))["train"]
+    passes = 1 + (s.ascent_steps if s.ascent_steps > 1 else 0) + (s.adaptive_rho is not None)
+    work = context.work("sharpness", passes, "gradient passes", f"on {len(data)} samples")
     one = curvature.sam_sharpness(probe, probe.params, data, objective, rho=s.rho, steps=1)
+    work.update()
     scalars = {"sam": one["sharpness"], "loss": one["loss"]}
     if s.ascent_steps > 1:
         scalars["ascent"] = curvature.sam_sharpness(probe, probe.params, data, objective, rho=s.rho,
                                                     steps=s.ascent_steps)["sharpness"]
+        work.update(s.ascent_steps)
     if s.adaptive_rho is not None:
         scalars["asam"] = curvature.sam_sharpness(probe, probe.params, data, objective, rho=s.adaptive_rho,
                                                   steps=1, adaptive=True, eta=s.eta)["sharpness"]
+        work.update()
     return Outcome(scalars=scalars, info={"samples": len(data)})

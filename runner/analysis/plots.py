@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+#: plot_contour draws equal units on both axes while one range is at most this many times the other.
+MAX_ASPECT = 2.5
 _SPLIT_COLORS = {"train": "C0", "val": "C2", "test": "C1"}
 _DPI = 120
 
@@ -193,8 +195,11 @@ def plot_contour(arrays: Mapping, path, title: str, split: str = "train", levels
     a log scale (when the losses are positive) with a labelled colour bar. The centre (0, 0), the point the
     directions start from, is marked with a black cross. `trajectory`, an (m, 2) array of coordinates in the
     same plane (e.g. the optimization path projected on its PCA directions, Li et al. Sec. 7), is drawn as a
-    line with markers, its start as a circle and its end as a star. Equal aspect: both axes are multiples of
-    direction vectors of the same norm, so a basin's shape is shown undistorted.
+    line with markers, its start as a circle and its end as a star. Equal aspect where the two ranges are within
+    `MAX_ASPECT` of each other: both axes are multiples of direction vectors of the same norm, so a basin's shape is
+    shown undistorted; beyond that (a PCA plane whose first direction spans far more than the second) equal units
+    would make a thin strip, so the axes fill the panel and the title says they are scaled differently. The legend
+    sits below the panel, never over the trajectory or the contours.
     """
     from matplotlib.colors import BoundaryNorm, LogNorm
 
@@ -226,10 +231,16 @@ def plot_contour(arrays: Mapping, path, title: str, split: str = "train", levels
                     label="start")
             ax.plot(*t[-1], marker="*", markersize=13, color="C3", markeredgecolor="black", linestyle="none",
                     label="end")
-    ax.set_aspect("equal", adjustable="box")
+    spans = (float(np.ptp(x)) if x.size else 0.0, float(np.ptp(y)) if y.size else 0.0)
+    extra = ""
+    if min(spans) > 0 and max(spans) / min(spans) > MAX_ASPECT:
+        extra = f"axes scaled differently (the {xlabel} range is {spans[0] / spans[1]:.3g}x the {ylabel} range)"
+    else:
+        ax.set_aspect("equal", adjustable="box")
     ax.set(xlabel=xlabel, ylabel=ylabel)
-    ax.legend(fontsize="small", loc="best", framealpha=0.8)
-    fig.suptitle(_title(title, {f"{split}_loss": _n_masked(z)}), fontsize="medium")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize="small", loc="outside lower center", ncols=min(len(labels), 4))
+    fig.suptitle(_title(title, {f"{split}_loss": _n_masked(z)}, extra), fontsize="medium")
     return _save(fig, path)
 
 
@@ -262,14 +273,15 @@ def plot_surface(arrays: Mapping, path, title: str, split: str = "train") -> Pat
 
 # ------------------------------------------------------------------------------------------------ curves
 def plot_curve(steps, values: Mapping[str, Sequence[float]], path, title: str, ylabel: str,
-               log: bool = False) -> Path:
-    """Several quantities against the training step, e.g. `{"lambda_max": [...], "2/lr": [...]}`.
+               log: bool = False, threshold: str | None = None) -> Path:
+    """Several quantities against the training step, e.g. `{"lambda_max": [...], "2(1+β)/η": [...]}`.
 
-    A key named "2/lr" is drawn as a dashed black line labelled as the stability threshold: gradient descent
-    with learning rate lr is unstable on a quadratic whose top Hessian eigenvalue exceeds 2/lr, and full-batch
-    training drives lambda_max up to it and hovers there (the edge of stability, Cohen et al. 2021). A scalar
-    value is broadcast over the steps (a constant learning rate). With `log`, the y axis is logarithmic and
-    values <= 0 are left out (the title says how many).
+    The key named `threshold` (and a key named "2/lr") is drawn as a dashed black line labelled as the stability
+    threshold, e.g. the optimizer's edge of stability: gradient descent with learning rate lr is unstable on a
+    quadratic whose top Hessian eigenvalue exceeds 2/lr (2(1+β)/lr with heavy-ball momentum β), and full-batch
+    training drives lambda_max up to it and hovers there (Cohen et al. 2021). A scalar value is broadcast over
+    the steps (a constant learning rate). With `log`, the y axis is logarithmic and values <= 0 are left out (the
+    title says how many).
     """
     steps = np.asarray(steps, dtype=float).ravel()
     if not values:
@@ -290,8 +302,8 @@ def plot_curve(steps, values: Mapping[str, Sequence[float]], path, title: str, y
         if log:
             n_nonpositive += int(np.ma.filled(v <= 0, False).sum())
             v = np.ma.masked_less_equal(v, 0)
-        if name == "2/lr":
-            ax.plot(steps, v, color="black", linestyle="--", linewidth=1.2, label="2/lr (stability threshold)")
+        if name == "2/lr" or name == threshold:
+            ax.plot(steps, v, color="black", linestyle="--", linewidth=1.2, label=f"{name} (stability threshold)")
         else:
             ax.plot(steps, v, color=f"C{i % 10}", marker="." if len(steps) <= 60 else None, label=name)
     if log:
@@ -302,4 +314,83 @@ def plot_curve(steps, values: Mapping[str, Sequence[float]], path, title: str, y
     extra = f"{n_nonpositive} value{'s' if n_nonpositive != 1 else ''} <= 0 not shown on the log axis" \
         if n_nonpositive else ""
     fig.suptitle(_title(title, masked, extra), fontsize="medium")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ spectra
+def plot_density(grid, density, path, title: str, nodes=None, stats: Mapping[str, float] | None = None,
+                 decades: float = 12.0) -> Path:
+    """A Hessian eigenvalue density on a log scale against the eigenvalue, as Ghorbani et al. 2019 (Fig. 1) and
+    PyHessian draw it: the Gaussian-broadened SLQ density `density` on `grid`.
+
+    The y axis spans `decades` decades below the peak (lower values are not drawn); eigenvalue 0 is a dotted line;
+    `nodes` (the quadrature nodes of every probe, nan padding ignored) are ticks along the bottom; `stats`
+    (e.g. lambda_min, lambda_max, negative mass, trace) are written in a box in the corner.
+    """
+    grid = np.asarray(grid, dtype=float).ravel()
+    values = _masked(density).ravel()
+    if values.shape != grid.shape:
+        raise ValueError(f"density has {values.size} values for {grid.size} grid points")
+    fig = _figure((7.0, 4.6))
+    ax = fig.add_subplot()
+    positive = values.compressed()[values.compressed() > 0]
+    if positive.size:
+        floor = max(float(positive.min()), float(positive.max()) * 10.0 ** -decades)
+        ax.plot(grid, np.ma.masked_less(values, floor), color="C0", linewidth=1.2, label="density")
+        ax.set_yscale("log")
+        ax.set_ylim(floor, float(positive.max()) * 2)
+    else:
+        ax.text(0.5, 0.5, "no positive density to draw", ha="center", va="center", transform=ax.transAxes)
+    if grid.size and grid.min() <= 0 <= grid.max():
+        ax.axvline(0.0, color="0.5", linestyle=":", linewidth=1)
+    if nodes is not None:
+        theta = np.asarray(nodes, dtype=float).ravel()
+        theta = theta[np.isfinite(theta)]
+        ax.plot(theta, np.full(theta.shape, 0.02), linestyle="none", marker="|", markersize=8, color="C3",
+                alpha=0.6, transform=ax.get_xaxis_transform(), label=f"quadrature nodes ({theta.size})")
+    if stats:
+        text = "\n".join(f"{k} = {v:.4g}" for k, v in stats.items())
+        ax.text(0.98, 0.97, text, ha="right", va="top", transform=ax.transAxes, fontsize="small",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"})
+    if grid.size:
+        ax.set_xlim(grid.min(), grid.max())
+    ax.set(xlabel="eigenvalue", ylabel="density (log scale)")
+    ax.grid(alpha=0.3, which="major")
+    ax.legend(fontsize="small", loc="best")
+    fig.suptitle(_title(title, {"density": _n_masked(values)}), fontsize="medium")
+    return _save(fig, path)
+
+
+def plot_ritz(values, weights, path, title: str, top_k: int = 1) -> Path:
+    """The Ritz values of one Lanczos run (x) with their Gauss quadrature weights (y, log scale), as stems: the
+    largest `top_k` and the smallest (converged extremes, the numbers the `hessian` analysis reports) in colour,
+    the interior ones (a coarse one-probe quadrature of the spectrum) in grey. Eigenvalue 0 is a dotted line.
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    weights = np.asarray(weights, dtype=float).ravel()
+    if values.shape != weights.shape:
+        raise ValueError(f"{values.size} Ritz values but {weights.size} weights")
+    fig = _figure((7.0, 4.4))
+    ax = fig.add_subplot()
+    keep = np.isfinite(values) & np.isfinite(weights)
+    values, weights = values[keep], np.maximum(weights[keep], 1e-30)  # a weight of exactly 0 on a log axis
+    order = np.argsort(values)[::-1]
+    values, weights = values[order], weights[order]
+    bottom = max(float(weights.min()) / 3, 1e-30) if weights.size else 1e-3
+    groups = [("interior Ritz values", slice(top_k, max(top_k, len(values) - 1)), "0.6"),
+              (f"top {min(top_k, len(values))}", slice(0, top_k), "C3"),
+              ("smallest", slice(len(values) - 1, len(values)) if len(values) > top_k else slice(0, 0), "C0")]
+    for label, part, color in groups:
+        if values[part].size:
+            ax.vlines(values[part], bottom, weights[part], color=color, linewidth=1.2)
+            ax.plot(values[part], weights[part], "o", color=color, markersize=4, label=label)
+    if values.size and values.min() <= 0 <= values.max():
+        ax.axvline(0.0, color="0.5", linestyle=":", linewidth=1)
+    _log_y(ax)
+    if weights.size:
+        ax.set_ylim(bottom, float(weights.max()) * 2)
+    ax.set(xlabel="eigenvalue (Ritz value)", ylabel="quadrature weight (log scale)")
+    ax.grid(alpha=0.3, which="major")
+    ax.legend(fontsize="small")
+    fig.suptitle(title, fontsize="medium")
     return _save(fig, path)

@@ -62,7 +62,27 @@ def callbacks(experiment, out_dir: Path | None) -> list[Callback]:
         return []
     total = experiment.spec.trainer.total_steps(len(experiment.task.train))
     cache: dict = {}
+    warn_end_only(plan)
     return [AnalysisCallback(choice, plan, out_dir, total, cache) for choice in plan.choices]
+
+
+def warn_end_only(plan: Plan) -> str:
+    """With `analysis.every_steps` / `every_epochs` set: one warning line naming the chosen analyses that the cadence
+    does not reach (their registry entry is not `periodic`: landscapes, interpolation run only at the end of
+    training and post hoc; PCA snapshots follow their own `snapshot_every_*`). Returns the line ("" if none)."""
+    cadence = " and ".join(f"analysis.{key}={getattr(plan, key)}" for key in ("every_steps", "every_epochs")
+                           if getattr(plan, key))
+    if not cadence:
+        return ""
+    end_only = [c.name for c in plan.choices if not c.entry.capabilities.get("periodic")]
+    if not end_only:
+        return ""
+    periodic = [c.name for c in plan.choices if c.entry.capabilities.get("periodic")]
+    line = (f"{cadence} applies to {', '.join(periodic)} only; " if periodic else f"{cadence} has no effect: ") + (
+        f"{', '.join(end_only)} run{'s' if len(end_only) == 1 else ''} only at the end of training (and post hoc)"
+        + (" (pca saves snapshots every analysis.pca.snapshot_every_*)" if "pca" in end_only else ""))
+    log.warning(line)
+    return line
 
 
 def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoint_name: str = "end of training",

@@ -23,10 +23,11 @@ class Logger:
 
     def log_analysis(self, name: str, metrics: dict, figures: list, step: int | None) -> None:
         """An analysis's figures (PNG paths) as images and its numbers as summary values (already in
-        analysis/<name>.json and metrics.jsonl). `step` None: post hoc, after the run's last step."""
+        analysis/<name>.json and metrics.jsonl), in the row of `step` (None: the next row). Post hoc, runner.run
+        replays the run directory, analyses included, to the dashboard at their steps."""
 
     def close(self) -> None:
-        """Post hoc: close the dashboard run without changing its summary status (training's `finish` did)."""
+        """Close the dashboard run without a summary (a post-hoc replay of a run that has no summary.json)."""
 
     def finish(self, summary: dict) -> None:
         """Close the dashboard run with the summary (already in summary.json)."""

@@ -5,7 +5,12 @@ uploads later). Runs are grouped by the config signature without the seed, so th
 seeds; job_type and the first tag are the experiment's name. The run id is derived from the run directory, so
 a resumed run continues the same wandb run; on resume runner.run logs the records before the checkpoint again
 first, so each launch's offline folder holds the whole history up to its end (a killed launch's folder only
-what wandb-core had written when it died, with SIGKILL often nothing).
+what wandb-core had written when it died, with SIGKILL often nothing). A post-hoc analysis that did something
+(`python -m runner.analyze`, or `analysis=...` on a finished run) does the same (runner.run.replay_dashboard):
+its folder holds the history, every analysis's figures in the row of its checkpoint's step and numbers in the
+summary, and the run's summary; one that did nothing (done before) starts no wandb run at all. Offline, wandb
+cannot resume a run in place (`resumed` stays false; `wandb sync` keeps the last folder of an id), hence the
+replays; online, a resumed run skips the rows the server already has.
 No API key is ever written by us; wandb reads it from its own login or $WANDB_API_KEY.
 
 Offline (and disabled) means no network at all. wandb 0.31.0 has no Sentry and no version check, but it has
@@ -38,16 +43,21 @@ class WandbLogger(Logger):
                               name=name, group=group, job_type=job_type, tags=[job_type, *tags], id=run_id,
                               resume="allow", settings=wandb.Settings(console="off", quiet=True))
 
+    def _behind(self, step: int) -> bool:
+        """An online run that resumed has the rows before `starting_step` already (wandb drops older steps)."""
+        return bool(self.run.resumed) and step < self.run.starting_step
+
     def log(self, metrics: dict, step: int) -> None:
-        self.run.log(metrics, step=step)
+        if not self._behind(step):
+            self.run.log(metrics, step=step)
 
     def log_analysis(self, name: str, metrics: dict, figures: list, step: int | None) -> None:
         for key, value in metrics.items():
             self.run.summary[key] = value
-        if figures:  # at the final step (the record of that step is already there: same row); post hoc: next row
+        if figures:  # in the row of `step`, after its record; the next row if None or an online run is past it
             images = {f"{name}/{p.stem.removeprefix(name).strip('_') or 'figure'}": self.wandb.Image(str(p))
                       for p in figures}
-            self.run.log(images) if step is None else self.run.log(images, step=step)
+            self.run.log(images) if step is None or self._behind(step) else self.run.log(images, step=step)
 
     def close(self) -> None:
         self.run.finish(exit_code=0)

@@ -6,6 +6,9 @@ the closure's contract). Each entry declares its capabilities; the loop reads th
 - `sample_indices`: the closure must carry the batch's sample indices (per-sample selection, e.g. ESAM);
 - `per_sample_loss`: the closure must keep the per-sample objective of each pass;
 - `needs_loss`: its step uses the loss value the closure returns (MoMo), so it cannot be a wrapper's base.
+- `stability`: its edge-of-stability threshold (`Stability`, below): the top Hessian eigenvalue above which its
+  step diverges on a quadratic, or a note saying that no such threshold applies (adaptive methods). Every
+  optimizer that is not a wrapper declares one; a wrapper's is its base optimizer's (`stability(choice)`).
 
 Wrappers (SAM and kin) take a base optimizer by name. Two spellings, both validated recursively against the
 base's own schema:
@@ -18,8 +21,9 @@ base's own schema:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -38,12 +42,78 @@ class Capabilities:
     sample_indices: bool = False
     per_sample_loss: bool = False
     needs_loss: bool = False  # its step uses the loss value (MoMo): it cannot be a wrapper's base
+    stability: Optional["Stability"] = None  # its edge-of-stability threshold (None: undeclared; wrappers)
+
+
+@dataclass(frozen=True)
+class Stability:
+    """An optimizer's edge-of-stability threshold (Cohen et al. 2021, "Gradient descent on neural networks typically
+    occurs at the edge of stability", ICLR; their appendix for momentum): on a quadratic whose Hessian has top
+    eigenvalue lambda_max, the update with learning rate lr is stable while lambda_max < factor / lr, and training
+    drives lambda_max up to it. `factor` None: no such threshold of lambda_max applies (adaptive or sign methods,
+    whose step is preconditioned; their edge is on the preconditioned sharpness, Cohen et al. 2022), and `note`
+    says why. `formula` is the threshold as the figure labels it, `rule` the method and its constants."""
+    factor: Optional[float]
+    formula: str
+    rule: str
+    note: str = ""
+
+    def threshold(self, lr: float) -> float:
+        """factor / lr; nan where no threshold applies or lr <= 0 (no step: no threshold)."""
+        return self.factor / lr if self.factor is not None and lr > 0 else math.nan
+
+    def ratio(self, lambda_max: float, lr: float) -> float:
+        """lambda_max / threshold = lambda_max * lr / factor: < 1 is stable, ~1 is the edge (nan as above)."""
+        return lambda_max * lr / self.factor if self.factor is not None and lr > 0 else math.nan
+
+    def describe(self) -> dict:
+        return {"formula": self.formula, "rule": self.rule, "factor": self.factor, "note": self.note}
+
+
+def gradient_descent(momentum: float = 0.0, nesterov: bool = False) -> Stability:
+    """torch.optim.SGD's update (v <- beta v + g; w <- w - lr v, or w <- w - lr (g + beta v) with Nesterov) on
+    a quadratic, along an eigenvector with eigenvalue lambda (a = lr lambda): its characteristic polynomial is
+    z^2 - (1 + beta - a) z + beta (heavy ball), z^2 - (1 + beta)(1 - a) z + beta (1 - a) (Nesterov); the root
+    z = -1 leaves the unit disc at a = 2 (1 + beta), resp. a = (2 + 2 beta) / (1 + 2 beta) (Cohen et al. 2021,
+    appendix). beta = 0 is plain gradient descent, 2/lr."""
+    beta = float(momentum)
+    if beta == 0:
+        return Stability(2.0, "2/η", "gradient descent")
+    if nesterov:
+        return Stability((2 + 2 * beta) / (1 + 2 * beta), "(2+2β)/((1+2β)η)", f"Nesterov momentum β={beta:g}")
+    return Stability(2 * (1 + beta), "2(1+β)/η", f"heavy-ball momentum β={beta:g}")
+
+
+def no_threshold(why: str) -> Stability:
+    """An optimizer for which no threshold of lambda_max applies; `why` goes into the json and the figure."""
+    return Stability(None, "", "", note=f"no edge-of-stability threshold of lambda_max: {why}")
+
+
+#: The note of Adam-type methods (Adam, AdamW, MoMo-Adam, Grams).
+ADAPTIVE = ("the step is preconditioned by Adam's 1/(sqrt(v)+eps), so its edge is on the preconditioned sharpness "
+            "(Cohen et al. 2022), not on lambda_max of the loss")
 
 
 def capabilities(choice: Choice) -> Capabilities:
     """The entry's declared capabilities; a callable value is computed from the validated parameters (e.g.
     LookSAM's `passes_per_step=lambda p: 1 + 1 / p.k`)."""
     return Capabilities(**{k: v(choice.params) if callable(v) else v for k, v in choice.entry.capabilities.items()})
+
+
+def stability(choice: Choice) -> Stability:
+    """The optimizer's edge-of-stability threshold: its declared `stability` capability; a wrapper's is its base
+    optimizer's (the note says so: the wrapper's perturbation changes the dynamics, so this is the base step's edge,
+    not the wrapper's own)."""
+    declared = capabilities(choice).stability
+    if declared is not None:
+        return declared
+    base = getattr(choice.params, "base", None)
+    if isinstance(choice.params, Wraps) and isinstance(base, Choice):
+        inner = stability(base)
+        why = (f"{choice.name} wraps {base.name}: the threshold of its base step" if inner.factor is not None
+               else f"{choice.name} wraps {base.name}")
+        return dataclasses.replace(inner, note="; ".join(n for n in (why, inner.note) if n))
+    return no_threshold(f"{choice.name} declares none")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.optim import OPTIMIZERS
+from runner.optim import ADAPTIVE, OPTIMIZERS, no_threshold
 from runner.optim.params import LR, Betas, Eps
 
 
@@ -25,6 +25,7 @@ class AdamParams(Eps, Betas, LR):
     """lr, betas, eps; deliberately no weight_decay field: this is Adam without weight decay."""
 
 
-@OPTIMIZERS.register("adam", AdamParams, "Adam (Kingma & Ba 2015) without weight decay", passes_per_step=1)
+@OPTIMIZERS.register("adam", AdamParams, "Adam (Kingma & Ba 2015) without weight decay", passes_per_step=1,
+                     stability=no_threshold(ADAPTIVE))
 def adam(params, lr, betas, eps) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=0.0)

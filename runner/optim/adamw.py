@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.optim import OPTIMIZERS
+from runner.optim import ADAPTIVE, OPTIMIZERS, no_threshold
 from runner.optim.params import LR, Betas, Eps, WeightDecay
 
 
@@ -14,6 +14,6 @@ class AdamWParams(Eps, Betas, WeightDecay, LR):
 
 
 @OPTIMIZERS.register("adamw", AdamWParams, "AdamW (Loshchilov & Hutter 2019); decoupled weight decay",
-                     passes_per_step=1)
+                     passes_per_step=1, stability=no_threshold(ADAPTIVE))
 def adamw(params, lr, weight_decay, betas, eps) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.optim import OPTIMIZERS
+from runner.optim import ADAPTIVE, OPTIMIZERS, no_threshold
 from runner.optim.params import LR, Betas, Eps, WeightDecay
 
 
@@ -96,6 +96,7 @@ class GramsParams(Eps, Betas, WeightDecay, LR):
 
 
 @OPTIMIZERS.register("grams", GramsParams, "Grams (Cao et al. 2024): sign of the gradient, Adam's |m|/(sqrt(v)+eps) "
-                     "as the magnitude; official release's eps placement", passes_per_step=1)
+                     "as the magnitude; official release's eps placement", passes_per_step=1,
+                     stability=no_threshold(ADAPTIVE))
 def grams(params, lr, betas, eps, weight_decay) -> torch.optim.Optimizer:
     return Grams(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from runner.config import check
-from runner.optim import OPTIMIZERS
+from runner.optim import OPTIMIZERS, no_threshold
 from runner.optim.params import LR
 
 
@@ -81,6 +81,7 @@ class GravityParams(LR):
 
 
 @OPTIMIZERS.register("gravity", GravityParams, "Gravity (Bahrami & Pouriyan Zadeh 2021): kinematic step "
-                     "g / (1 + (g max|g|)^2) with a running-average velocity", passes_per_step=1)
+                     "g / (1 + (g max|g|)^2) with a running-average velocity", passes_per_step=1,
+                     stability=no_threshold("the kinematic step g / (1 + (g max|g|)^2) is not linear in g"))
 def gravity(params, lr, alpha, beta) -> torch.optim.Optimizer:
     return Gravity(params, lr=lr, alpha=alpha, beta=beta)

@@ -21,7 +21,7 @@ from typing import List
 
 import torch
 
-from runner.optim import OPTIMIZERS
+from runner.optim import OPTIMIZERS, no_threshold
 from runner.optim.params import LR, Betas, WeightDecay
 
 
@@ -80,6 +80,7 @@ class LionParams(Betas, WeightDecay, LR):
 
 
 @OPTIMIZERS.register("lion", LionParams, "Lion (Chen et al., NeurIPS 2023): sign of interpolated momentum; "
-                     "decoupled weight decay scaled by lr", passes_per_step=1)
+                     "decoupled weight decay scaled by lr", passes_per_step=1,
+                     stability=no_threshold("a sign step: its size does not depend on the curvature"))
 def lion(params, lr, betas, weight_decay) -> torch.optim.Optimizer:
     return Lion(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)

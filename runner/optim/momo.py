@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 
 from runner.config import check
-from runner.optim import OPTIMIZERS
+from runner.optim import ADAPTIVE, OPTIMIZERS, no_threshold
 from runner.optim.params import LR, Betas, Eps, WeightDecay
 
 
@@ -324,14 +324,17 @@ class MomoAdamParams(Eps, Betas, WeightDecay, LR):
 
 
 @OPTIMIZERS.register("momo", MomoParams, "MoMo (Schaipp et al. 2024): SGD-momentum with a model-based adaptive "
-                     "step size (needs the loss value)", passes_per_step=1, needs_loss=True)
+                     "step size (needs the loss value)", passes_per_step=1, needs_loss=True,
+                     stability=no_threshold("its Polyak-type step size tau_k <= lr adapts to the loss, so lr is "
+                                            "only a cap on the step"))
 def momo(params, lr, weight_decay, beta, lb, bias_correction, use_fstar) -> torch.optim.Optimizer:
     return Momo(params, lr=lr, weight_decay=weight_decay, beta=beta, lb=lb, bias_correction=bias_correction,
                 use_fstar=use_fstar)
 
 
 @OPTIMIZERS.register("momo_adam", MomoAdamParams, "MoMo-Adam (Schaipp et al. 2024): Adam with a model-based "
-                     "adaptive step size (needs the loss value)", passes_per_step=1, needs_loss=True)
+                     "adaptive step size (needs the loss value)", passes_per_step=1, needs_loss=True,
+                     stability=no_threshold(ADAPTIVE))
 def momo_adam(params, lr, weight_decay, betas, eps, lb, divide, use_fstar) -> torch.optim.Optimizer:
     return MomoAdam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lb=lb, divide=divide,
                     use_fstar=use_fstar)
