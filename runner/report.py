@@ -685,6 +685,14 @@ def _wrap(label: str, width: int = LABEL_WIDTH) -> str:
     return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
 
+def no_curve(groups: Sequence[Group], metric: str) -> str:
+    """What curves.png says when no completed run logged `metric` during training: a metric measured once per run
+    (an analysis at the end or post hoc: in the summary, not in metrics.jsonl) is in bars.png instead."""
+    if any(r.final_value(metric) is not None for g in groups for r in g.completed):
+        return f"{metric} was measured once per run, not during training\n(an analysis at the end or post hoc): see bars.png"
+    return "no completed runs with this metric"
+
+
 def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
     """`metric` vs epoch per group: mean over completed seeds with a ±std band, one color per group."""
     plt = _pyplot()
@@ -700,7 +708,7 @@ def plot_curves(groups: Sequence[Group], metric: str, path: Path) -> None:
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         drawn = True
     if not drawn:
-        ax.text(0.5, 0.5, "no completed runs with this metric", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, no_curve(groups, metric), ha="center", va="center", transform=ax.transAxes)
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set(xlabel="epoch (= step for full-batch tasks)", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
     ax.grid(alpha=0.3)

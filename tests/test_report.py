@@ -765,3 +765,19 @@ def test_a_summary_of_valid_json_with_wrong_types_is_an_unreadable_run(configs, 
         assert record.read_summary() is None
         check_owner(record, signature(config), seed)  # nothing read, nothing to refuse
     assert RunDir(tmp_path / "runs" / "seed=0", create=False).read_summary()["final"]["test/acc"] == 0.9
+
+
+def test_a_metric_measured_once_per_run_sends_the_reader_to_the_bars(sweep, tmp_path):
+    """A post-hoc analysis's number is in each run's analysis/<name>.json, not in metrics.jsonl: curves.png has no
+    curve to draw and says where the number is (bars.png), not that no run has it."""
+    from runner.report import no_curve
+
+    group = copy_group(sweep, "sgd", tmp_path)
+    groups = group_runs(find_runs([group]))
+    assert no_curve(groups, "hessian/lambda_max") == "no completed runs with this metric"
+    for run in group.glob("seed=*"):
+        (run / "analysis").mkdir(exist_ok=True)
+        (run / "analysis" / "hessian.json").write_text(json.dumps({"name": "hessian", "scalars": {"hessian/lambda_max": 1.5}}))
+    groups = group_runs(find_runs([group]))
+    assert "see bars.png" in no_curve(groups, "hessian/lambda_max")
+    assert no_curve(groups, "test/acc_never_logged") == "no completed runs with this metric"
