@@ -18,6 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 
+# Modules whose wall time is mostly waiting or one long serial claim (SLURM's requeue after a time limit, the
+# grokking paper's 2000-step runs): collected first, so that under `-n 2 --dist loadscope` one worker starts them
+# while the others take everything else, instead of the suite ending with them alone.
+START_FIRST = ("test_slurm.py", "test_grokking.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(START_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
+
+
 @pytest.fixture
 def compose():
     """`compose(overrides=(), return_hydra_config=False)` -> the composed DictConfig of conf/config.yaml."""
