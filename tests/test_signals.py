@@ -113,6 +113,8 @@ def test_a_signal_in_any_phase_says_what_was_recorded(tmp_path, phase):
     assert line.startswith(f"interrupted ({'Ctrl-C' if name == 'SIGINT' else 'SIGTERM'})") and says in line, line
     if status is None:  # nothing recorded: no folder that looks like a run
         assert not run.exists(), sorted(p.name for p in run.iterdir())
+        if phase != "data-and-model-build":  # nothing on disk: the rerun is a first run (checked once, the latest)
+            return
     else:
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == status, summary
