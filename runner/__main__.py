@@ -13,6 +13,7 @@ if __name__ == "__main__":
         preflight_all(sys.argv[1:])
         new_launch()
         main()
+        code = sweep_exit_code(sys.argv[1:])  # a signal while the tally is read: the interrupted line has it
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what was recorded, not a traceback
         from runner.signals import ignore
 
@@ -22,4 +23,4 @@ if __name__ == "__main__":
         line, code = interrupted(e, sys.argv[1:])
         print(line, file=sys.stderr)
         sys.exit(code)
-    sys.exit(sweep_exit_code(sys.argv[1:]))
+    sys.exit(code)

@@ -4,12 +4,15 @@
     python -m runner.analyze <run_dir> analysis=interpolate analysis.other=<run_dir_b>
     python -m runner.analyze 'multirun/sam_cifar/**/seed=*' analysis=[hessian,sharpness] --device cuda
 
-Each run is rebuilt from its checkpoint (`analysis.checkpoint`: last, best or a path; the config comes from the
-checkpoint itself) and analysed at that point; the files go to `<run_dir>/analysis/`. A run whose analysis with
-the same settings at the same checkpoint step exists is skipped, as sweeps skip finished runs (`--force` redoes
-it). Everything is checked before the first analysis starts (the runs and their checkpoints, the analysis
-names and settings, the second run of `interpolate`): bad input is one line and exit 2; an analysis that fails
-is one line per run and exit 1 at the end.
+Each run is rebuilt from its checkpoint (`analysis.checkpoint`: last, best or a path, relative to the run directory,
+of that run: another run's checkpoint is refused; the config comes from the checkpoint itself) and analysed at that
+point; the files go to `<run_dir>/analysis/`. A run whose analysis with the same settings at the same checkpoint
+step exists is skipped, as sweeps skip finished runs (`--force` redoes it). Everything is checked before the first
+analysis starts (the device, the runs, that their folders can be written and their checkpoints read, the analysis
+names and settings, the second run of `interpolate`): bad input is one line and exit 2. A run that cannot be rebuilt
+(its checkpoint's config invalid now, or not its weights' config) or whose analysis fails is one line naming it; the
+others go on (with several runs a last line tallies them), and the command exits 1. Ctrl-C or SIGTERM: one line with
+the tally so far, exit 130 / 143.
 """
 from __future__ import annotations
 
@@ -118,14 +121,15 @@ def expand(targets: list[str]) -> list[Path]:
 
 
 def checkpoint_of(run: Path, which: str) -> Path:
-    """The checkpoint file a run is analysed at; ConfigError when there is none."""
+    """The checkpoint file a run is analysed at (`which`: last, best, or a path; a relative path is taken from the
+    run directory, not from the current one); ConfigError when there is none."""
     from runner.config import ConfigError
     from runner.rundir import RunDir
 
     if run.is_file():
         return run
     record = RunDir(run, create=False)
-    path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, Path(which))
+    path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, run / Path(which))
     if not path.is_file():
         hint = " (train with trainer.save_best=true)" if which == "best" else ""
         raise ConfigError("analysis.checkpoint", message=f"{run}: no checkpoint {path}{hint}: nothing to analyse")
@@ -133,17 +137,24 @@ def checkpoint_of(run: Path, which: str) -> Path:
 
 
 def check_inputs(plan, runs: list[Path]) -> dict[Path, dict]:
-    """Before any work: every run has a readable checkpoint; `interpolate`'s second run matches each run's model."""
+    """Before any work: every run can be written into and has a readable checkpoint; `interpolate`'s second run
+    matches each run's model."""
     from runner.config import ConfigError
     from runner.experiment import read_checkpoint
+    from runner.rundir import unwritable
 
     states = {}
     for run in runs:
+        run_dir = run.parent.parent if run.is_file() else run
+        problem = unwritable(run_dir)  # the lock, analysis/ and runner.log are written there
+        if problem:
+            raise ConfigError("targets", message=f"{run}: cannot write its analysis into {run_dir}: {problem}")
         path = checkpoint_of(run, plan.checkpoint)
         try:
             states[run] = read_checkpoint(path)
         except ValueError as e:
             raise ConfigError("analysis.checkpoint", message=f"{run}: {e}") from None
+        check_belongs(run, path, states[run])
     from runner.analysis.methods import TRAJECTORY_MIN
 
     for choice in plan.choices:
@@ -175,51 +186,149 @@ def check_inputs(plan, runs: list[Path]) -> dict[Path, dict]:
     return states
 
 
+def check_belongs(run: Path, path: Path, state: dict) -> None:
+    """The checkpoint is of the run its numbers are filed under (signature and seed, as the run's summary, else
+    its checkpoints, else its .hydra/config.yaml name them): another run's checkpoint is refused (ConfigError)."""
+    from runner.config import ConfigError
+    from runner.run import owners
+    from runner.rundir import RunDir
+    from runner.signature import signature
+
+    run_dir = run.parent.parent if run.is_file() else run
+    sig = state.get("signature")
+    if sig is None and isinstance(state.get("config"), dict):
+        sig = signature(state["config"])
+    for other_sig, other_seed, where in owners(RunDir(run_dir, create=False), read_checkpoints=True):
+        if (None not in (sig, other_sig) and sig != other_sig) or (
+                None not in (state.get("seed"), other_seed) and state.get("seed") != other_seed):
+            raise ConfigError("analysis.checkpoint", message=(
+                f"{path} is another run's checkpoint (signature {sig}, seed {state.get('seed')}) than {run_dir} "
+                f"({where}: signature {other_sig}, seed {other_seed}): its numbers would be filed under the wrong "
+                "run; analyse that run's folder instead (a relative analysis.checkpoint is taken from the run "
+                "directory)"))
+
+
+#: The runs this command has been through (run directory -> analysed, failed or busy), for the tally and the line
+#: an interruption prints; None before the first analysis starts.
+finished: dict[Path, str] | None = None
+
+
 def analyze_runs(plan, runs: list[Path], device: str | None, force: bool) -> int:
+    """Analyse the runs one after another. A run that cannot be analysed (busy, its checkpoint's config invalid or
+    not matching its weights, an analysis that fails) is one line naming it, and the others go on; with several
+    runs a last line tallies them. Returns the number of runs not analysed in full."""
+    global finished
+    finished = {}
+    for run in runs:
+        run_dir = run.parent.parent if run.is_file() else run
+        finished[run_dir] = analyze_one(plan, run, run_dir, device, force)
+    if len(runs) > 1:
+        print(f"analyze: {tally()}", file=sys.stderr)
+    return sum(status != "analysed" for status in finished.values())
+
+
+def tally() -> str:
+    """`2 analysed, 1 failed; not analysed: <run_dir> ...` over the runs done so far."""
+    counts: dict[str, int] = {}
+    for status in (finished or {}).values():
+        counts[status] = counts.get(status, 0) + 1
+    missed = [str(run_dir) for run_dir, status in (finished or {}).items() if status != "analysed"]
+    line = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return line + (f"; not analysed: {' '.join(missed)}" if missed else "")
+
+
+def analyze_one(plan, run: Path, run_dir: Path, device: str | None, force: bool) -> str:
+    """One run's analyses and its lines on stderr; returns analysed, failed or busy."""
     from runner.analysis import outcome_line
     from runner.experiment import load_run
     from runner.run import analyze_with_dashboard
-
     from runner.rundir import RunDir
     from runner.sweep import RunLock
 
-    failures = 0
-    for run in runs:
-        run_dir = run.parent.parent if run.is_file() else run
-        lock = RunLock(run_dir)  # not beside a process that trains (or analyses) this run
+    lock = RunLock(run_dir)  # not beside a process that trains (or analyses) this run
+    try:
         if not lock.acquire():
-            failures += 1
             print(f"{run_dir}: busy (another process trains or analyses it); skipped", file=sys.stderr)
-            continue
+            return "busy"
+    except OSError as e:
+        print(f"{run_dir}: cannot write into it ({one_line(e)}); skipped", file=sys.stderr)
+        return "failed"
+    try:
+        checkpoint = plan.checkpoint
         try:
+            checkpoint = str(checkpoint_of(run, plan.checkpoint))  # the file load_run reads (relative: from the run)
             RunDir(run_dir, create=False).remove_stale_temporaries()  # of a killed analysis
             experiment, progress = load_run(run, plan.checkpoint, device=device)
-            checkpoint = str(checkpoint_of(run, plan.checkpoint))
+        except ValueError as e:  # the checkpoint's config is invalid (ConfigError), or not its weights' config
+            print(f"{run_dir}: cannot rebuild the run from {checkpoint}: {one_line(e, kind=False)}; skipped",
+                  file=sys.stderr)
+            return "failed"
+        except Exception as e:
+            print(f"{run_dir}: cannot rebuild the run from {checkpoint}: {one_line(e)}{traceback_to(run_dir, e)}; "
+                  "skipped", file=sys.stderr)
+            return "failed"
+        try:
             done = analyze_with_dashboard(experiment, progress, plan, RunDir(run_dir, create=False), checkpoint,
                                           skip_done=not force)
-            metrics, errors = done["analysis"], done["analysis_errors"]
-        finally:
-            lock.release()
+        except Exception as e:
+            print(f"{run_dir}: analysis failed: {one_line(e)}{traceback_to(run_dir, e)}", file=sys.stderr)
+            return "failed"
+    finally:
+        lock.release()
+    metrics, errors = done["analysis"], done["analysis_errors"]
+    if metrics or not errors:  # not `done` when nothing was
         print(outcome_line(run_dir, progress.step, metrics), file=sys.stderr)
-        for name, error in errors.items():
-            failures += 1
-            print(f"{run_dir}: analysis {name} failed: {error} (traceback in {run_dir / 'runner.log'})",
-                  file=sys.stderr)
-    return failures
+    for name, error in errors.items():
+        print(f"{run_dir}: analysis {name} failed: {error} (traceback in {run_dir / 'runner.log'})", file=sys.stderr)
+    return "failed" if errors else "analysed"
+
+
+def one_line(error: BaseException, kind: bool = True) -> str:
+    """The error's first line, after its type's name (`kind`)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[0]}" if kind else lines[0]
+
+
+def traceback_to(run_dir: Path, error: BaseException) -> str:
+    """Append the traceback to the run's runner.log; returns the words that point there ("" if it cannot)."""
+    import traceback
+
+    try:
+        with open(run_dir / "runner.log", "a") as f:
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return ""
+    return f" (traceback in {run_dir / 'runner.log'})"
+
+
+def interrupted(error: BaseException) -> tuple[str, int]:
+    """The line and exit code for Ctrl-C or SIGTERM: what was analysed before it (kept: every file is written
+    atomically) and that the same command does the rest."""
+    from runner.signals import exit_code, signal_name
+
+    head = f"interrupted ({signal_name(error)})"
+    if finished is None:
+        return f"{head} before any analysis started: nothing was written", exit_code(error)
+    done = f"runs so far: {tally()}" if finished else "in the first run"
+    return f"{head}: {done}; the analyses finished are kept, the same command does the rest", exit_code(error)
 
 
 def main(argv: list[str] | None = None) -> int:
     from runner.config import ConfigError
 
+    global finished
+    finished = None
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        if args.device is not None:
+            from runner.experiment import resolve_device
+            resolve_device(args.device, option="--device")
         plan = compose_plan(args.overrides)
         runs = expand(args.targets)
         check_inputs(plan, runs)
-        if args.device is not None:
-            from runner.experiment import resolve_device
-            resolve_device(args.device)
     except ConfigError as e:
         fail(str(e))
     from runner.signals import sigterm_as_interrupt
@@ -230,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runner.signals import exit_code, ignore, install, signal_name
+    from runner.signals import ignore, install
 
     install()  # Ctrl-C works even when the shell started us with SIGINT ignored (`nohup ... &`)
     try:
         sys.exit(main())
     except KeyboardInterrupt as e:
         ignore()
-        print(f"interrupted ({signal_name(e)}): analyses finished before it are kept; the same command does the rest",
-              file=sys.stderr)
-        sys.exit(exit_code(e))
+        line, code = interrupted(e)
+        print(line, file=sys.stderr)
+        sys.exit(code)

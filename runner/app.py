@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from runner.cli import CONF_DIR, fail
 from runner.config import ConfigError
+from runner.signals import deferred
 from runner.sweep import record_job, register_resolvers, tally
 
 log = logging.getLogger("runner")
@@ -38,16 +39,16 @@ def task(cfg: DictConfig) -> str:
             fail(str(e))
         except RunBusy as e:
             fail(str(e))
-        except RunFailed as e:  # recorded in summary.json, the traceback in runner.log
-            fail(f"failed: {e} (the record: {run_dir}/summary.json, traceback in runner.log)", code=1)
+        except RunFailed as e:  # recorded in summary.json (or said why not), the traceback in runner.log
+            fail(f"failed: {e} ({e.where})", code=1)
         print(outcome(summary, run_dir), file=sys.stderr)
         if summary.get("analysis_errors"):
             fail(analysis_failure(summary, run_dir), code=1)
         return summary["status"]
 
     sweep_dir = hydra_cfg.sweep.dir
-    link_readable_name(run_dir, hydra_cfg.job.override_dirname)
     try:
+        link_readable_name(run_dir, hydra_cfg.job.override_dirname)
         summary = run(cfg, run_dir)
         status = "skipped" if summary.get("skipped") else summary["status"]
         log.info("%s", outcome(summary, run_dir))
@@ -55,7 +56,8 @@ def task(cfg: DictConfig) -> str:
             status = "failed"
             log.error("%s", analysis_failure(summary, run_dir))
     except KeyboardInterrupt:  # the sweep stops here; this job is counted, and a folder it only began is removed
-        record_job(sweep_dir, run_dir, "interrupted" if not remove_failed_start(run_dir) else "not started")
+        with deferred():
+            record_job(sweep_dir, run_dir, "interrupted" if not remove_failed_start(run_dir) else "not started")
         raise
     except RunBusy as e:
         status = "busy"
@@ -70,7 +72,8 @@ def task(cfg: DictConfig) -> str:
     except RunFailed as e:  # recorded in summary.json by run(); the sweep goes on
         status = "failed"
         log.error("failed: %s: %s (traceback in its runner.log)", run_dir, e)
-    record_job(sweep_dir, run_dir, status)
+    with deferred():  # a signal now stops the sweep after this job's status is recorded
+        record_job(sweep_dir, run_dir, status)
     return status
 
 
@@ -146,7 +149,10 @@ def interrupted(error: BaseException, argv: list[str]) -> tuple[str, int]:
     head = f"interrupted ({signal_name(error)})"
     if any(a in ("-m", "--multirun") for a in argv):
         outcome = tally(multirun=True)
-        counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome[0].items())) if outcome else ""
+        jobs = dict(outcome[0]) if outcome else {}
+        if "lost" in jobs:  # jobs that never reported: the signal stopped the sweep before them
+            jobs["not run"] = jobs.pop("lost")
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(jobs.items()))
         done = f"; jobs so far: {counts}" if counts else "; no job had started"
         return f"{head}: the sweep stopped{done}; the same command skips finished runs and resumes the rest", \
             exit_code(error)

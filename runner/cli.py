@@ -119,19 +119,24 @@ def _minutes(limit: str) -> int | None:
     return int(days or 0) * 1440 + hours * 60 + minutes + (seconds > 0)
 
 
-def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
-    """Compose and validate every job (one for a single run, all of a `-m` sweep) before Hydra starts, so a
-    bad value is one line and no run directory is created."""
+def validate_jobs(argv: list[str]) -> None:
+    """Compose and validate every job (one for a single run, all of a `-m` sweep, however many) before Hydra
+    starts, so a bad value is one line and no run directory is created. Each distinct config is composed once
+    (with Hydra's node when the run folders are needed) and validated once: jobs that differ only in their seed
+    share it (`seed_groups`)."""
+    import dataclasses
+
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     from runner.config import ConfigError
     from runner.experiment import check_environment
-    from runner.spec import validate
+    from runner.spec import check_seed, validate
     from runner.sweep import expect
 
     # hydra.* and launcher choices do not change a job's config; they need plugins compose() does not load
@@ -142,33 +147,90 @@ def validate_jobs(argv: list[str], max_jobs: int = 500) -> None:
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     except HydraException as e:
         fail(str(e).splitlines()[0])
-    if len(jobs) > max_jobs:
-        return  # a huge sweep: Hydra's own per-job composition check still runs
+    if not jobs:  # a sweep over no values: Hydra would launch nothing, print an empty tally and exit 0
+        empty = [o.input_line for o in overrides if o.is_sweep_override() and not list(o.sweep_string_iterator())]
+        fail(f"{', '.join(empty) or 'the sweep'} has no values: the command has no jobs to run")
     where = (lambda job: f" (in sweep job: {' '.join(job)})") if len(jobs) > 1 else (lambda job: "")
     multirun = any(a in ("-m", "--multirun") for a in argv)
     # where each job's run folder will be: hydra.run/sweep/job settings from the command line count
     folder_args = [a for a in argv if a.lstrip("+~").startswith(("hydra.run.", "hydra.sweep.", "hydra.job."))]
-    folders: dict = {}
+    with_folders = multirun or any(a.lstrip("+").startswith("hydra.run.dir=") for a in folder_args)
+    planned: dict = {}  # id(job) -> (its Spec, its run folder or None)
     sweep_dirs: set = set()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for job in jobs:
+        for group in seed_groups(jobs):  # [(job, its seed or None)]: the jobs of one config
+            job, first_seed = group[0]
             try:
-                spec = validate(compose("config", overrides=list(job)))
+                cfg = compose("config", overrides=[*job, *folder_args] if with_folders else list(job),
+                              return_hydra_config=with_folders)
+                folders = {}
+                if with_folders:
+                    for other, seed in group:  # the seed changes only the folder's `seed=N` (and what uses it)
+                        if seed is not None:
+                            cfg.seed = seed
+                        folders[id(other)] = run_folder(cfg, multirun)
+                        if multirun:
+                            sweep_dirs.add(str(cfg.hydra.sweep.dir))
+                    with open_dict(cfg):
+                        del cfg["hydra"]
+                    if first_seed is not None:
+                        cfg.seed = first_seed
+                spec = validate(cfg)
                 check_environment(spec)  # dataset files, device, credentials, the checkpoint to resume from
-                if multirun or any(a.lstrip("+").startswith("hydra.run.dir=") for a in folder_args):
-                    with_hydra = compose("config", overrides=[*job, *folder_args], return_hydra_config=True)
-                    folder = run_folder(with_hydra, multirun)
-                    check_folder(folder, spec, job, folders.setdefault(folder, job))
-                    if multirun:
-                        sweep_dirs.add(str(with_hydra.hydra.sweep.dir))
+                planned[id(job)] = (spec, folders.get(id(job)))
+                unresolved = OmegaConf.to_container(cfg, resolve=False)
+                reseed = not _interpolates_seed({k: v for k, v in unresolved.items() if k != "seed"})
+                for job, seed in group[1:]:  # its seed checked; where the config uses the seed, validated again
+                    check_seed(seed)
+                    if reseed:
+                        other = dataclasses.replace(spec, seed=seed, resolved={**spec.resolved, "seed": seed})
+                    else:
+                        cfg.seed = seed
+                        other = validate(cfg)
+                        check_environment(other)
+                    planned[id(job)] = (other, folders.get(id(job)))
             except ConfigError as e:
                 fail(f"{e}{where(job)}")
             except (HydraException, OmegaConfBaseException) as e:
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 fail(f"{' '.join(lines[:2])}{where(job)}")  # Hydra's first two lines: what and the fix
     GlobalHydra.instance().clear()
+    if with_folders:  # in the jobs' order: the first job to take a folder keeps it
+        taken: dict = {}
+        for job in jobs:
+            spec, folder = planned[id(job)]
+            try:
+                check_folder(folder, spec, job, taken.setdefault(folder, job))
+            except ConfigError as e:
+                fail(f"{e}{where(job)}")
     if multirun:
         expect(sweep_dirs=sorted(sweep_dirs), jobs=len(jobs))
+
+
+def seed_groups(jobs: list) -> list[list[tuple]]:
+    """The jobs grouped by config: jobs whose overrides differ only in a plain `seed=N` share a group, as
+    `(job, N)`; any other job is its own group, `(job, None)`. Groups and jobs keep the command's order."""
+    import re
+
+    groups: dict = {}
+    for job in jobs:
+        seeds = [o for o in job if re.fullmatch(r"seed=(0|[1-9][0-9]*)", o)]  # an int to Hydra's grammar
+        if len(seeds) == 1:
+            key = tuple(o for o in job if o is not seeds[0])
+            groups.setdefault(key, []).append((job, int(seeds[0].split("=", 1)[1])))
+        else:
+            groups[("#", len(groups))] = [(job, None)]
+    return list(groups.values())
+
+
+def _interpolates_seed(node) -> bool:
+    """Some value of the unresolved node may interpolate the seed (`${seed}`): then it is not the same config
+    for every seed."""
+    if isinstance(node, dict):
+        return any(_interpolates_seed(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_interpolates_seed(v) for v in node)
+    return isinstance(node, str) and "${" in node and "seed" in node
 
 
 def run_folder(cfg, multirun: bool) -> Path:
@@ -182,11 +244,11 @@ def run_folder(cfg, multirun: bool) -> Path:
 
 
 def check_folder(folder: Path, spec, job, first_job) -> None:
-    """Refuse a job whose run folder another job of this command takes, or that holds another run's record:
-    one job's record must never replace another's."""
+    """Refuse a job whose run folder another job of this command takes, or that holds another run's record (one
+    job's record must never replace another's), or that cannot be written."""
     from runner.config import ConfigError
     from runner.run import check_owner
-    from runner.rundir import RunDir
+    from runner.rundir import RunDir, unwritable
     from runner.signature import signature
 
     if first_job is not job:
@@ -197,7 +259,11 @@ def check_folder(folder: Path, spec, job, first_job) -> None:
             f"jobs `{' '.join(first_job)}` and `{' '.join(job)}` would share the run folder {folder}: they differ "
             f"only in {', '.join(differ)}, which does not define the experiment (runner/spec.py NON_IDENTITY_KEYS), "
             f"so one record would replace the other; run them as separate commands with another hydra.sweep.dir"))
-    check_owner(RunDir(folder, create=False), signature(spec.resolved), spec.seed)
+    # before Hydra replaces its .hydra/config.yaml: the folder's summary, else its checkpoints, else that config
+    check_owner(RunDir(folder, create=False), signature(spec.resolved), spec.seed, read_checkpoints=True)
+    problem = unwritable(folder)  # else Hydra's log handler (or its .hydra/ files) fails with a traceback
+    if problem:
+        raise ConfigError("hydra.run.dir", message=f"cannot write the run into {folder}: {problem}")
 
 
 def preflight_all(argv: list[str]) -> None:
@@ -210,3 +276,22 @@ def preflight_all(argv: list[str]) -> None:
         check_slurm_resources(argv)
     if not any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
         validate_jobs(argv)  # another primary config: Hydra and run() still validate
+    hydra_composes_each_config_once()
+
+
+def hydra_composes_each_config_once() -> None:
+    """Hydra's sweeper composes every job of a batch before launching any (`validate_batch_is_legal`: does each
+    compose?), and the launcher composes each again when it starts it: a 200-seed sweep waited for 200 composes
+    before its first job. A seed cannot change whether a config composes, so it composes one job per config
+    (`seed_groups`); the launcher still composes every job."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    every_job = BasicSweeper.validate_batch_is_legal
+    if getattr(every_job, "per_config", False):
+        return
+
+    def validate_batch_is_legal(self, batch) -> None:
+        every_job(self, [group[0][0] for group in seed_groups([list(job) for job in batch])])
+
+    validate_batch_is_legal.per_config = True
+    BasicSweeper.validate_batch_is_legal = validate_batch_is_legal

@@ -2,12 +2,13 @@
 
 Every group option is a YAML file `conf/<group>/<name>.yaml` holding `name: <name>` plus the fields of a
 dataclass registered under that name. Validation merges the YAML node into the dataclass schema (OmegaConf
-checks types and unknown keys) and then runs the dataclass's `__post_init__` (ranges). Any problem is a
-`ConfigError`, which the entry point prints as one line before exiting non-zero.
+checks types and unknown keys), refuses any inf or nan (`nonfinite`) and then runs the dataclass's `__post_init__`
+(ranges). Any problem is a `ConfigError`, which the entry point prints as one line before exiting non-zero.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -131,13 +132,18 @@ class Checked:
 
 
 def structured(schema: type, params: dict, prefix: str) -> Any:
-    """Merge plain `params` into dataclass `schema`; type errors, unknown keys and range checks -> ConfigError."""
+    """Merge plain `params` into dataclass `schema`; type errors, unknown keys, inf or nan and range checks ->
+    ConfigError."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in params.items():
         if key not in fields:
             raise ConfigError(f"{prefix}.{key}", value, "one of " + ", ".join(fields) if fields else "no parameters")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), params)
+        for key, value in OmegaConf.to_container(merged).items():  # before the range checks: inf > 0 holds
+            bad = nonfinite(str(key), value)
+            if bad:
+                raise ConfigError(*bad, "a finite number (not inf or nan)")  # .under(prefix) below adds the group
         return OmegaConf.to_object(merged)
     except ConfigError as e:
         raise e.under(prefix) from None
@@ -146,6 +152,18 @@ def structured(schema: type, params: dict, prefix: str) -> Any:
         value = params.get(str(key).split(".")[0], "?")
         ftype = fields[str(key).split(".")[0]].type if str(key).split(".")[0] in fields else "?"
         raise ConfigError(f"{prefix}.{key}", value, f"a value of type {type_name(ftype)}") from None
+
+
+def nonfinite(key: str, value: Any) -> tuple[str, Any] | None:
+    """The first inf, -inf or nan under `key`, as (its key, the value or list that holds it); None if there is none.
+    No field of any schema means anything at inf (a bound that can be absent is `null`), so it is always refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    if isinstance(value, (list, tuple)) and any(nonfinite(key, v) for v in value):
+        return key, value
+    if isinstance(value, dict):
+        return next((bad for k, v in value.items() if (bad := nonfinite(f"{key}.{k}", v))), None)
+    return None
 
 
 def type_name(annotation) -> str:

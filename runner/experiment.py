@@ -64,17 +64,21 @@ class Experiment:
         No forward pass runs and no random number is drawn: BN statistics and the data order stay as saved."""
         try:
             self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
             if "objective" in state:  # a loss's own state (ALDR-KL's lambdas); older checkpoints have none
                 self.objective.load_state_dict(state["objective"])
             elif self.objective.state_dict():
                 logging.getLogger(__name__).warning("checkpoint %s holds no loss state: %s starts afresh", where,
                                                     self.spec.loss.name)
         except (RuntimeError, ValueError, KeyError) as e:
-            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-            detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:240]
-            raise ConfigError("trainer.resume", message=f"checkpoint {where} does not match this model/optimizer "
-                                                        f"(model={self.spec.model.name}): {detail}") from None
+            raise ConfigError("trainer.resume", message=f"checkpoint {where} does not match this model/loss "
+                                                        f"(model={self.spec.model.name}): {_detail(e)}") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            saved = ((state.get("config") or {}).get("optimizer") or {}).get("name", "an unknown optimizer")
+            raise ConfigError("trainer.resume", message=(
+                f"checkpoint {where}: its optimizer state, saved by optimizer={saved}, does not fit "
+                f"optimizer={self.spec.optimizer.name} ({_detail(e)}); resume it with optimizer={saved}")) from None
         self.scheduler.load_state_dict(state["scheduler"])
         if restore_rng:
             set_rng_state(state["rng"], self.task.train.generator)
@@ -82,16 +86,27 @@ class Experiment:
         return Progress(**{k: v for k, v in state["progress"].items() if k in fields})
 
 
-def resolve_device(name: str) -> torch.device:
+def _detail(error: Exception) -> str:
+    """The telling line of a state-dict loading error (a KeyError's bare `'step'` says which entry is missing)."""
+    if isinstance(error, KeyError):
+        return f"no {error} in its state"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:240]
+
+
+def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
+    """auto, cpu, cuda or cuda:N as a device present here; else ConfigError naming `option` (the key or flag)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(option, name, "auto, cpu, cuda, cuda:N with N >= 0")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("trainer.device", message=f"trainer.device={name} but CUDA is not available on this "
-                                                        "machine; use trainer.device=cpu (or auto)")
+            raise ConfigError(option, message=f"{option}={name} but CUDA is not available on this machine; use "
+                                              f"{option}=cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError("trainer.device", name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ConfigError(option, name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -142,13 +157,24 @@ def _float64_inputs(module, args):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+def load_safely(path: Path, what: str = "checkpoint") -> object:
+    """`torch.load(path, weights_only=True)` onto the CPU, quietly: any failure is a ValueError naming the file
+    (torch's own text suggests weights_only=False, unsafe advice not passed on) and torch's warnings about the
+    file (an unusual pickle protocol) are not printed, so an unreadable file is one line."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path} ({type(e).__name__}): corrupt, truncated or not a runner "
+                         f"{what}") from None
+
+
 def read_checkpoint(path: Path) -> dict:
     """Load a runner checkpoint safely (weights_only); raises ValueError saying what is wrong with it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own text suggests weights_only=False: unsafe advice, not passed on
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): corrupt, truncated or not a "
-                         "runner checkpoint") from None
+    state = load_safely(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a runner checkpoint (format {CHECKPOINT_FORMAT})")
     missing = [k for k in ("model", "optimizer", "scheduler", "rng", "progress") if k not in state]
@@ -180,12 +206,17 @@ def _read_cached(path: str, mtime_ns: int) -> dict:
 def check_environment(spec: Spec) -> None:
     """What can be checked before any work beyond the config itself, for every job of a sweep before the first
     runs (runner/cli.py) and again when a job starts: the dataset's files, the device, the logger's credentials,
-    the checkpoint to resume from (readable, and made by the same model). Raises ConfigError."""
+    the checkpoint to resume from (readable, and made by the same model), pca's snapshots (enough of them).
+    Raises ConfigError."""
     for choice in (spec.dataset, spec.logger):
         check = choice.entry.capabilities.get("check")
         if check is not None:
             check(**choice.kwargs)
     resolve_device(spec.trainer.device)
+    if spec.analysis is not None:  # pca: the run will save enough snapshots to succeed
+        from runner.analysis.methods import check_snapshots
+
+        check_snapshots(spec.analysis, spec.trainer)
     if spec.analysis is not None and spec.analysis.other is not None:
         check_other_run(spec.analysis.other, spec.resolved["model"], spec.analysis)
     if spec.trainer.resume:
@@ -222,7 +253,7 @@ def check_other_run(other: str, model: dict, plan) -> None:
     path = Path(other)
     if path.is_dir():
         record = RunDir(path, create=False)
-        path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, Path(which))
+        path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, path / which)
     if not path.is_file():
         raise ConfigError("analysis.other", message=f"analysis.other={other}: no checkpoint at {path}")
     try:
@@ -269,7 +300,8 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def load_run(run: str | Path, checkpoint: str = "last", device: str | torch.device | None = None
              ) -> tuple[Experiment, Progress]:
-    """Rebuild a trained run: `run` is a run directory (`checkpoint` = "last", "best" or a path) or a .pt file.
+    """Rebuild a trained run: `run` is a run directory (`checkpoint` = "last", "best" or a path, relative to the run
+    directory) or a .pt file.
 
     The config comes from the checkpoint itself (else the run's .hydra/config.yaml). `device` defaults to the
     run's `trainer.device` where available, else the CPU. Returns the experiment, with the checkpoint's weights,
@@ -281,7 +313,7 @@ def load_run(run: str | Path, checkpoint: str = "last", device: str | torch.devi
     else:
         record = RunDir.existing(run)
         names = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}
-        path = names.get(checkpoint, Path(checkpoint))
+        path = names.get(checkpoint, run / checkpoint)  # a relative path: from the run directory
         if checkpoint == "best" and not path.exists():
             raise FileNotFoundError(f"{run} has no {path.name} (train with trainer.save_best=true)")
     if not path.exists():

@@ -34,13 +34,65 @@ class ForeignRunDir(ConfigError):
     """The run folder holds the record of another experiment or seed: never replaced, never resumed."""
 
 
-def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = None) -> None:
-    """Raise ForeignRunDir when the folder's summary or checkpoint belongs to another config or seed."""
+def owners(record: RunDir, checkpoint: dict | None = None, read_checkpoints: bool = False
+           ) -> list[tuple[str | None, int | None, str]]:
+    """Whose run the folder holds, as (signature, seed, where it says so): summary.json's and the checkpoint's
+    (`checkpoint`, or with `read_checkpoints` the folder's newest readable one, read only when the summary names
+    no owner). When neither names one (a run killed before its first checkpoint, a torn summary, truncated
+    checkpoints), `.hydra/config.yaml`'s. Hydra replaces that file when a job starts, so it counts only where the
+    runner's own records are silent, and it must be read before Hydra starts (runner/cli.py's pre-flight)."""
+    found = []
     summary = record.read_summary() or {}
-    owners = [(summary.get("signature"), summary.get("seed"), record.summary_path.name)]
+    if summary.get("signature") is not None or summary.get("seed") is not None:
+        found.append((summary.get("signature"), summary.get("seed"), record.summary_path.name))
+    if checkpoint is None and read_checkpoints and not found:
+        checkpoint, name = _quiet_latest_checkpoint(record)
+    else:
+        name = "checkpoints/last.pt"
     if checkpoint is not None:
-        owners.append((checkpoint.get("signature"), checkpoint.get("seed"), "checkpoints/last.pt"))
-    for other_sig, other_seed, where in owners:
+        ckpt_sig = checkpoint.get("signature")
+        if ckpt_sig is None and isinstance(checkpoint.get("config"), dict):
+            ckpt_sig = signature(checkpoint["config"])
+        if ckpt_sig is not None or checkpoint.get("seed") is not None:
+            found.append((ckpt_sig, checkpoint.get("seed"), name))
+    if not found:
+        config = record.read_config()
+        if config is not None:
+            found.append((_config_signature(config), config.get("seed"), str(record.config_path.relative_to(
+                record.path))))
+    return found
+
+
+def _config_signature(config: dict) -> str | None:
+    """The signature of a saved `.hydra/config.yaml` (resolved like the job's own config), or None."""
+    try:
+        return signature(OmegaConf.to_container(OmegaConf.create(config), resolve=True))
+    except Exception:  # an interpolation that needs Hydra's runtime: the text as written
+        try:
+            return signature(config)
+        except Exception:
+            return None
+
+
+def _quiet_latest_checkpoint(record: RunDir) -> tuple[dict | None, str]:
+    """The newest readable checkpoint (last.pt, else prev.pt) and its name, without log lines: the pre-flight's
+    refusal is one line."""
+    from runner.experiment import read_checkpoint
+
+    for path in (record.checkpoint_path, record.previous_checkpoint_path):
+        if path.is_file():
+            try:
+                return read_checkpoint(path), f"{path.parent.name}/{path.name}"
+            except (ValueError, OSError):
+                continue
+    return None, ""
+
+
+def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = None,
+                read_checkpoints: bool = False) -> None:
+    """Raise ForeignRunDir when the folder holds another config's or seed's run (`owners`: its summary, its
+    checkpoint, else its .hydra/config.yaml)."""
+    for other_sig, other_seed, where in owners(record, checkpoint, read_checkpoints):
         if (other_sig is not None and other_sig != sig) or (other_seed is not None and other_seed != seed):
             raise ForeignRunDir("hydra.run.dir", message=(
                 f"{record.path} holds another run ({where}: signature {other_sig}, seed {other_seed}; this one: "
@@ -48,12 +100,24 @@ def check_owner(record: RunDir, sig: str, seed: int, checkpoint: dict | None = N
 
 
 class RunFailed(RuntimeError):
-    """A run that failed after validation; its summary.json (status failed, with the error) is written."""
+    """A run that failed after validation; its summary.json (status failed, with the error) is written, unless
+    `unrecorded` says why it could not be (a full disk)."""
 
-    def __init__(self, run_dir: Path, error: BaseException):
-        self.run_dir = run_dir
-        lines = [line for line in (str(error) or type(error).__name__).strip().splitlines() if line.strip()]
-        super().__init__(f"{type(error).__name__}: {lines[-1] if lines else ''}".strip())
+    def __init__(self, run_dir: Path, error: BaseException, unrecorded: BaseException | None = None):
+        self.run_dir, self.unrecorded = Path(run_dir), unrecorded
+        super().__init__(_last_line(error))
+
+    @property
+    def where(self) -> str:
+        """What the one line says about the record: where it is, or that none could be written, and why."""
+        if self.unrecorded is None:
+            return f"the record: {self.run_dir / 'summary.json'}, traceback in runner.log"
+        return f"no record was written in {self.run_dir}: {_last_line(self.unrecorded)}"
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line for line in (str(error) or type(error).__name__).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -91,22 +155,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise RunBusy(f"{record.path} is being trained by another process; skipped")
     try:
         with sigterm_as_interrupt():
-            record.remove_stale_temporaries()  # of atomic writes a killed process left (we hold the lock)
             where = spec.trainer.resume
             if resume is None:
                 resume, where = latest_checkpoint(record), str(record.checkpoint_path)
                 if resume is not None:
                     check_owner(record, sig, spec.seed, resume)
+            record.remove_stale_temporaries()  # of atomic writes a killed process left (we hold the lock)
             try:
                 experiment, progress = _build_and_resume(spec, device, resume, where, record)
             except (ConfigError, KeyboardInterrupt):
                 raise
             except Exception as e:  # after validation: a recorded failure, never a half-made run dir
-                _write_failure(record, spec, sig, e)
-                raise RunFailed(record.path, e) from e
+                raise RunFailed(record.path, e, _write_failure(record, spec, sig, e)) from e
             try:
                 return _train_and_record(experiment, progress, resume, record)
-            except (KeyboardInterrupt, ConfigError):
+            except (KeyboardInterrupt, ConfigError, RunFailed):
                 raise
             except Exception as e:  # recorded by _train_and_record
                 raise RunFailed(record.path, e) from e
@@ -115,18 +178,27 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 
 def _analyze_finished(spec, device, record: RunDir) -> dict:
-    """The analyses of `spec` on a finished run's last checkpoint (those already done with the same settings are
-    skipped); their numbers and errors for the returned summary."""
-    from runner.experiment import load_run
+    """The analyses of `spec` on a finished run's checkpoint (`analysis.checkpoint`: last, best, or a path, relative
+    to the run directory, of this run's own: another run's is refused in one line; those already done with the
+    same settings are skipped); their numbers and errors for the returned summary."""
+    from runner.analyze import check_belongs, checkpoint_of
+    from runner.experiment import load_run, read_checkpoint
 
-    experiment, progress = load_run(record.path, "last", device=device)
-    return analyze_with_dashboard(experiment, progress, spec.analysis, record, "checkpoints/last.pt", skip_done=True)
+    which = spec.analysis.checkpoint
+    path = checkpoint_of(record.path, which)
+    if which not in ("last", "best"):
+        check_belongs(record.path, path, read_checkpoint(path))
+    experiment, progress = load_run(record.path, which, device=device)
+    name = str(path.relative_to(record.path)) if path.is_relative_to(record.path) else str(path)
+    return analyze_with_dashboard(experiment, progress, spec.analysis, record, name, skip_done=True, spec=spec)
 
 
-def analyze_with_dashboard(experiment, progress, plan, record: RunDir, checkpoint_name: str, skip_done: bool) -> dict:
+def analyze_with_dashboard(experiment, progress, plan, record: RunDir, checkpoint_name: str, skip_done: bool,
+                           spec=None) -> dict:
     """Post hoc: the analyses of `plan` on a rebuilt experiment; when any ran, the run's dashboard run (the same id
     as in training) is continued with them (`replay_dashboard`); when none ran (all done before, or all failed), the
-    dashboard is not touched. Returns {"analysis": metrics, "analysis_errors": errors}."""
+    dashboard is not touched (the dashboard of `spec`, the command's, else of the checkpoint's config). Returns
+    {"analysis": metrics, "analysis_errors": errors}."""
     from runner.analysis.schedule import analyze
 
     from runner.logging import Logger
@@ -142,7 +214,7 @@ def analyze_with_dashboard(experiment, progress, plan, record: RunDir, checkpoin
     metrics, errors = analyze(experiment, progress, plan, record.path / ANALYSIS, checkpoint_name=checkpoint_name,
                               skip_done=skip_done, logger=ran, post_hoc=True)
     if ran.names:
-        replay_dashboard(experiment.spec, record)
+        replay_dashboard(spec or experiment.spec, record)
     return {"analysis": metrics, "analysis_errors": errors}
 
 
@@ -206,19 +278,34 @@ def _build_and_resume(spec, device, resume: dict | None, where: str, record: Run
     return experiment, progress
 
 
-def _write_failure(record: RunDir, spec, sig: str, error: BaseException) -> None:
-    with deferred():
-        record.write_summary({"status": "failed", "final": {}, "best": {}, "seed": spec.seed,
-                              "experiment": spec.experiment, "signature": sig,
-                              "error": "".join(traceback.format_exception(error)[-3:]).strip(),
-                              "versions": versions(), "git": git_state(), "command": command_line()})
+def _write_failure(record: RunDir, spec, sig: str, error: BaseException) -> OSError | None:
+    """The failed record of a run that broke before training; returns the error that kept it from disk, if any."""
     _log_traceback(record, error)
+    return _write_record(record, {"status": "failed", "final": {}, "best": {}, "seed": spec.seed,
+                                  "experiment": spec.experiment, "signature": sig,
+                                  "error": "".join(traceback.format_exception(error)[-3:]).strip(),
+                                  "versions": versions(), "git": git_state(), "command": command_line()})
+
+
+def _write_record(record: RunDir, summary: dict) -> OSError | None:
+    """summary.json (a signal arriving meanwhile waits for it); returns the OSError that kept it from disk (a full
+    disk), else None: the caller's line must not name a record that is not there."""
+    try:
+        with deferred():
+            record.write_summary(summary)
+    except OSError as e:
+        log.error("summary.json could not be written in %s: %s", record.path, _last_line(e))
+        return e
+    return None
 
 
 def _log_traceback(record: RunDir, error: BaseException) -> None:
-    """The whole traceback into runner.log (stderr gets one line)."""
-    with open(record.path / "runner.log", "a") as f:
-        f.write("".join(traceback.format_exception(error)))
+    """The whole traceback into runner.log (stderr gets one line); on a full disk it is left out."""
+    try:
+        with open(record.path / "runner.log", "a") as f:
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        pass
 
 
 class RunSink:
@@ -273,7 +360,7 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
                 "device": device.type, "device_name": device_name(device), "command": command_line(),
                 **experiment.task.info}
 
-    result, metrics, errors = None, {}, {}
+    result, metrics, errors, failure, unrecorded = None, {}, {}, None, None
     try:
         sink = RunSink(record, logger, experiment, progress)
         status = train(experiment, progress, sink, callbacks=analysis_callbacks(experiment, record.path / ANALYSIS))
@@ -298,13 +385,24 @@ def _train_and_record(experiment: Experiment, progress: Progress, resume: dict |
     except BaseException as e:
         result = summary("failed", "".join(traceback.format_exception(e)[-3:]).strip())
         _log_traceback(record, e)
-        raise
+        failure = e
     finally:
         if result is not None:
-            with deferred():  # a signal arriving now waits for the record
-                record.write_summary(result)
-            logger.finish(result)
+            unrecorded = _finish(record, logger, result)
+    if failure is not None:  # recorded (or said why not): RunFailed knows which, for the one line
+        if isinstance(failure, Exception) and not isinstance(failure, ConfigError):
+            raise RunFailed(record.path, failure, unrecorded) from failure
+        raise failure
+    if unrecorded is not None:  # trained, but the record is not on disk (a full disk): a failure, said as such
+        raise RunFailed(record.path, unrecorded, unrecorded) from unrecorded
     return result
+
+
+def _finish(record: RunDir, logger, result: dict) -> OSError | None:
+    """The record, then the dashboard's end; returns the OSError that kept the record from disk, if any."""
+    unrecorded = _write_record(record, result)
+    logger.finish(result)
+    return unrecorded
 
 
 def failed_summary(run_dir: str | Path, error: str, status: str = "failed") -> None:

@@ -38,11 +38,19 @@ LOCK = ".lock"
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """`write(tmp_path)` then rename onto `path`."""
+    """`write(tmp_path)` then rename onto `path`. When either raises (a full disk: ENOSPC), the temp file is
+    deleted before the error goes on: a half-written checkpoint must not keep the space the record needs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def _json_safe(value):
@@ -225,3 +233,25 @@ def device_name(device: torch.device) -> str:
 
 def command_line() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def unwritable(folder) -> str | None:
+    """Why a run cannot write into `folder`, in a few words, or None when it can: the folder (or, before it exists,
+    the nearest existing folder above it) and what a run rewrites or appends to in place (Hydra's .hydra/ and log,
+    the lock, analysis/). `os.access` knows read-only mounts and immutable files, also for root."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only"
+    if existing != folder:
+        return None
+    inside = [folder / ".hydra", folder / "runner.log", folder / LOCK, folder / ANALYSIS]
+    inside += sorted((folder / ".hydra").glob("*.yaml")) if (folder / ".hydra").is_dir() else []
+    for path in inside:
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            return f"{path} is read-only"
+    return None

@@ -71,9 +71,16 @@ class Spec:
     analysis: Any = None  # runner.analysis.Plan, or None without analyses
 
 
+def check_seed(seed: Any) -> int:
+    """The seed, an integer in [0, 2**32); else ConfigError."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", seed, "an integer in [0, 2**32)")
+    return seed
+
+
 def validate(cfg: DictConfig | dict) -> Spec:
     """Check every group against its schema (types, ranges, unknown keys) and the groups against each other
-    (the model takes the dataset's input); raises ConfigError."""
+    (the model and the optimizer take the dataset's input); raises ConfigError."""
     from runner.train import TrainerConfig
 
     try:
@@ -88,14 +95,21 @@ def validate(cfg: DictConfig | dict) -> Spec:
             raise ConfigError(group, message=f"config group '{group}' is missing: add {group}=<option>")
     choices = {group: registry.validate(resolved[group]) for group, registry in registries().items()}
     trainer = structured(TrainerConfig, resolved["trainer"], "trainer")
-    seed = resolved.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
-        raise ConfigError("seed", seed, "an integer in [0, 2**32)")
+    seed = check_seed(resolved.get("seed"))
     produces = choices["dataset"].entry.capabilities.get("input")
     accepts = choices["model"].entry.capabilities.get("inputs", ())
     if produces not in accepts:
         raise ConfigError("model.name", message=f"model={choices['model'].name} takes {', '.join(accepts)} input; "
                                                 f"dataset={choices['dataset'].name} gives {produces}")
+    from runner.optim import capabilities
+
+    restricted = capabilities(choices["optimizer"]).inputs  # e.g. TRAM's reference=noise: float inputs only
+    if restricted is not None and produces not in restricted.kinds:
+        key = f"optimizer.{restricted.key}"
+        raise ConfigError(key, message=(
+            f"optimizer={choices['optimizer'].name} with {key}={getattr(choices['optimizer'].params, restricted.key)}"
+            f" takes {', '.join(restricted.kinds)} input ({restricted.why}); dataset={choices['dataset'].name} gives "
+            f"{produces}"))
     from runner.analysis import validate_plan
 
     analysis = validate_plan(resolved.get("analysis"))

@@ -205,7 +205,8 @@ def _permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def split_train_val(split: Split, val_size: int | float, seed: int, key: str = "val_size") -> tuple[Split, Split]:
+def split_train_val(split: Split, val_size: int | float, seed: int,
+                    key: str = "dataset.val_size") -> tuple[Split, Split]:
     """Hold out a validation set: a float in (0, 1) is a fraction (rounded), an int a count; returns (train, val).
 
     The validation examples are the first ones of a permutation seeded by `seed` (not stratified).
@@ -224,7 +225,7 @@ def split_train_val(split: Split, val_size: int | float, seed: int, key: str = "
     return Split(split.x[train], split.y[train]), Split(split.x[val], split.y[val])
 
 
-def take_subset(split: Split, n: int, seed: int, key: str = "n") -> Split:
+def take_subset(split: Split, n: int, seed: int, key: str = "dataset.subset") -> Split:
     """The first `n` examples of a permutation seeded by `seed` (their order is that permutation's)."""
     if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= len(split):
         raise ConfigError(key, n, f"an integer between 1 and {len(split)} (the size of the split)")
@@ -243,9 +244,9 @@ def symmetric_label_noise(y: torch.Tensor, rate: float, num_classes: int, seed: 
     such a setting, pass `rate * C / (C - 1)` here. The input is not modified.
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-        raise ConfigError("label_noise", rate, "a probability in [0, 1]")
+        raise ConfigError("dataset.label_noise", rate, "a probability in [0, 1]")
     if rate > 0 and num_classes < 2:
-        raise ConfigError("label_noise", rate, "0 when there is a single class")
+        raise ConfigError("dataset.label_noise", rate, "0 when there is a single class")
     gen = torch.Generator().manual_seed(seed)
     y = torch.as_tensor(y, dtype=torch.int64)
     flipped = torch.rand(y.shape, generator=gen) < rate

@@ -347,9 +347,10 @@ def test_interpolate_during_training_checks_the_other_run_first(run_cli, cnn_run
 
 
 def test_a_failing_analysis_keeps_the_training_and_exits_1(run_cli, tmp_path):
-    """PCA with two snapshots cannot work: the run is completed and kept, the command says so and exits 1, and
-    the analysis can be redone post hoc once it can work."""
-    out = run_cli("trainer.epochs=2", *fast("pca", "landscape_1d"))
+    """PCA with one snapshot cannot work (a step cadence longer than the run: the config alone cannot tell, so it
+    is not refused up front): the run is completed and kept, the command says so and exits 1."""
+    out = run_cli("trainer.epochs=2", *fast("pca", "landscape_1d"), "analysis.pca.snapshot_every_epochs=null",
+                  "analysis.pca.snapshot_every_steps=1000")
     assert out.returncode == 1
     assert "analysis failed: ValueError: analysis=pca needs at least 3" in out.stderr
     summary = read(tmp_path / "run" / "summary.json")

@@ -217,7 +217,7 @@ class Interpolate(Subsets, BNMode):
     alpha_min: float = 0.0
     alpha_max: float = 1.0
     alpha_points: int = 21
-    other_checkpoint: str = "last"  # of analysis.other when it is a run directory: last, best or a path
+    other_checkpoint: str = "last"  # of analysis.other when it is a run directory: last, best or a path (from it)
 
     def check(self):
         _axis(self, "alpha")
@@ -252,7 +252,8 @@ def interpolate(context: Context, **settings) -> Outcome:
             line = np.interp(alphas, [alphas[0], alphas[-1]], [values[0], values[-1]])
             scalars[f"{key[:-5]}_barrier"] = float(np.max(values - line))
     return Outcome(scalars=scalars, arrays=arrays, figures={"": lambda path: plots.plot_1d(arrays, path, title)},
-                   info={"bn": s.bn, "other": str(context.plan.other), "other_step": other_progress.step})
+                   info={"bn": s.bn, "other": str(context.plan.other), "other_step": other_progress.step,
+                         "other_signature": other.signature, "other_seed": other.spec.seed})
 
 
 # ----------------------------------------------------------------------------------------------------- PCA
@@ -278,6 +279,33 @@ class PCA(Subsets, BNMode):
 TRAJECTORY_MIN = 3
 
 
+def check_snapshots(plan, trainer) -> None:
+    """Before any work: a pca whose run would save fewer than TRAJECTORY_MIN snapshots (one every
+    `snapshot_every_epochs` epochs and one at the end) is refused (ConfigError), where the config alone tells the
+    count: an epoch cadence with `trainer.epochs`, or a step cadence with `trainer.steps`."""
+    from runner.config import ConfigError
+
+    for choice in plan.choices:
+        if not choice.entry.capabilities.get("collects_trajectory"):
+            continue
+        every_epochs, every_steps = choice.params.snapshot_every_epochs, choice.params.snapshot_every_steps
+        if every_epochs and not every_steps and trainer.steps is None:
+            key, every, total, unit = "snapshot_every_epochs", every_epochs, trainer.epochs, "epochs"
+        elif every_steps and not every_epochs and trainer.steps is not None:
+            key, every, total, unit = "snapshot_every_steps", every_steps, trainer.steps, "steps"
+        else:
+            continue
+        count = -(-total // every)  # ceil: at every multiple of `every`, and at the end
+        if count >= TRAJECTORY_MIN:
+            continue
+        fits = (total - 1) // (TRAJECTORY_MIN - 1)  # the longest interval that gives TRAJECTORY_MIN snapshots
+        fix = f"analysis.{choice.name}.{key}<={fits}" if fits >= 1 else f"trainer.{unit}>={TRAJECTORY_MIN}"
+        raise ConfigError(f"analysis.{choice.name}.{key}", message=(
+            f"analysis={choice.name} needs at least {TRAJECTORY_MIN} parameter snapshots and this run would save "
+            f"{count} (analysis.{choice.name}.{key}={every} of trainer.{unit}={total}, and one at the end): "
+            f"use {fix}"))
+
+
 def save_trajectory_point(context: Context) -> None:
     """During training: this step's trainable parameters into analysis/trajectory/step=<N>.pt (atomic)."""
     from runner.rundir import atomic_write_bytes
@@ -290,13 +318,25 @@ def save_trajectory_point(context: Context) -> None:
     atomic_write_bytes(folder / f"step={context.progress.step:012d}.pt", lambda tmp: torch.save(state, tmp))
 
 
-def load_trajectory(folder: Path | None, names: list[str], up_to_step: int) -> list[dict]:
-    points = []
+def load_trajectory(folder: Path | None, names: list[str], up_to_step: int) -> tuple[list[dict], list[str]]:
+    """The snapshots of this model up to `up_to_step`, and the names of those that cannot be read (a torn or
+    corrupt file; read as checkpoints are, runner.experiment.load_safely), each with a warning naming it."""
+    from runner.experiment import load_safely
+
+    points, bad = [], []
     for path in sorted(folder.glob("step=*.pt")) if folder is not None and folder.is_dir() else []:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["names"] == names and state["step"] <= up_to_step:
+        try:
+            state = load_safely(path, "snapshot")
+            if not (isinstance(state, dict) and isinstance(state.get("params"), list)
+                    and isinstance(state.get("step"), int)):
+                raise ValueError(f"{path} is not a runner parameter snapshot")
+        except ValueError as e:
+            log.warning("analysis pca: %s; skipped", e)
+            bad.append(path.name)
+            continue
+        if state.get("names") == names and state["step"] <= up_to_step:
             points.append(state)
-    return points
+    return points, bad
 
 
 @ANALYSES.register("pca", PCA, "Li et al. 2018 Sec. 7: the training trajectory on its top-2 PCA plane",
@@ -306,11 +346,13 @@ def pca(context: Context, **settings) -> Outcome:
 
     s = PCA(**settings)
     probe = context.probe
-    saved = load_trajectory(context.trajectory_dir(), probe.names, context.progress.step)
+    saved, bad = load_trajectory(context.trajectory_dir(), probe.names, context.progress.step)
     if len(saved) < TRAJECTORY_MIN:
+        unreadable = f" readable ones ({len(bad)} unreadable: {', '.join(bad)})" if bad else ""
         raise ValueError(f"analysis=pca needs at least {TRAJECTORY_MIN} parameter snapshots saved along training "
-                         f"in {context.trajectory_dir()}; this run has {len(saved)}: train it with analysis=pca "
-                         "(snapshots every analysis.pca.snapshot_every_epochs epochs or snapshot_every_steps steps)")
+                         f"in {context.trajectory_dir()}; this run has {len(saved)}{unreadable}: train it with "
+                         "analysis=pca (snapshots every analysis.pca.snapshot_every_epochs epochs or "
+                         "snapshot_every_steps steps)")
     trajectory = [[t.to(p.device, p.dtype) for t, p in zip(state["params"], probe.params)] for state in saved]
     found = landscape.pca_directions(trajectory, probe.params)
     coords = np.asarray(found["trajectory"], dtype=float)
@@ -329,7 +371,8 @@ def pca(context: Context, **settings) -> Outcome:
     title = _title(s, context, f"PCA of {len(saved)} snapshots: {100 * ratio[0]:.1f}% + {100 * ratio[1]:.1f}%",
                    sets)
     outcome = _grid_outcome({k: v for k, v in arrays.items() if k.endswith(("_loss", "_acc")) or k in ("x", "y")},
-                            xs, ys, s, title, trajectory=coords, info={"snapshots": len(saved)})
+                            xs, ys, s, title, trajectory=coords,
+                            info={"snapshots": len(saved), "skipped_snapshots": bad})
     outcome.arrays = {**arrays, **landscape.direction_arrays(probe.names, {"x": found["d1"], "y": found["d2"]})}
     outcome.scalars = {"explained_variance_1": float(ratio[0]), "explained_variance_2": float(ratio[1])}
     return outcome

@@ -7,8 +7,8 @@
   never costs the training): every chosen analysis runs once more on the final weights and writes
   `analysis/<name>.{json,npz,png}`; the scalars go into one more record at the final step.
 - Post hoc (`python -m runner.analyze`, and a rerun of a finished run with analyses added): the same `analyze`
-  on an experiment rebuilt by `load_run`; analyses already done with the same settings at that checkpoint step are
-  skipped.
+  on an experiment rebuilt by `load_run`; analyses already done with the same settings at that checkpoint step (and,
+  for `interpolate`, with the second run's checkpoint as it is now) are skipped.
 An analysis that raises is reported (its error in the returned dict and in the log), never a training failure.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoin
             post_hoc: bool = False) -> tuple[dict, dict]:
     """Run every analysis of `plan` at the experiment's current point and write its files into `out_dir`.
     Returns (metrics `<name>/<key>`, errors name -> one line). `skip_done`: leave analyses whose record with the
-    same settings at this step exists (their numbers are returned from the record)."""
+    same settings at this step, and the same second run (`same_other`), exists (their numbers come from the record)."""
     from runner.rundir import read_json
 
     show = sys.stderr.isatty() if show_progress is None else show_progress
@@ -98,7 +98,7 @@ def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoin
     context.checkpoint_name = checkpoint_name
     metrics, errors = {}, {}
     for choice in plan.choices:
-        if skip_done and is_done(out_dir, choice, plan, progress.step):
+        if skip_done and is_done(out_dir, choice, plan, progress.step) and same_other(out_dir, choice, plan):
             log.info("analysis %s: already done at step %d with these settings; skipped", choice.name, progress.step)
             metrics.update((read_json(out_dir / f"{choice.name}.json") or {}).get("scalars", {}))
             continue
@@ -115,6 +115,38 @@ def analyze(experiment, progress: Progress, plan: Plan, out_dir: Path, checkpoin
             logger.log_analysis(choice.name, found, sorted(out_dir.glob(f"{choice.name}*.png")),
                                 None if post_hoc else progress.step)
     return metrics, errors
+
+
+def same_other(out_dir: Path, choice, plan: Plan) -> bool:
+    """For an analysis of two runs (`interpolate`): the record was made with the second run as it is now, the same
+    signature, seed and step of its checkpoint (`analysis.other` may have trained on, or its checkpoint been
+    replaced, since). True for analyses of one run; False when the record or the checkpoint does not say."""
+    from runner.rundir import read_json
+
+    if not choice.entry.capabilities.get("needs_other"):
+        return True
+    info = (read_json(out_dir / f"{choice.name}.json") or {}).get("info") or {}
+    now = other_identity(plan.other, getattr(choice.params, "other_checkpoint", "last"))
+    return now is not None and now == (info.get("other_signature"), info.get("other_seed"), info.get("other_step"))
+
+
+def other_identity(other: str, which: str) -> tuple | None:
+    """(signature, seed, step) of the checkpoint `load_run(other, which)` would load, or None when unreadable."""
+    from runner.experiment import read_checkpoint
+    from runner.rundir import RunDir
+    from runner.signature import signature
+
+    path = Path(other)
+    if path.is_dir():
+        record = RunDir(path, create=False)
+        path = {"last": record.checkpoint_path, "best": record.best_checkpoint_path}.get(which, path / which)
+    try:
+        state = read_checkpoint(path)
+    except (ValueError, OSError):
+        return None
+    config = state.get("config")  # what the analysis's Experiment.signature hashes
+    sig = signature(config) if isinstance(config, dict) else state.get("signature")
+    return sig, state.get("seed"), (state.get("progress") or {}).get("step")
 
 
 def _one_line(error: BaseException) -> str:

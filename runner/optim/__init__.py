@@ -6,6 +6,8 @@ the closure's contract). Each entry declares its capabilities; the loop reads th
 - `sample_indices`: the closure must carry the batch's sample indices (per-sample selection, e.g. ESAM);
 - `per_sample_loss`: the closure must keep the per-sample objective of each pass;
 - `needs_loss`: its step uses the loss value the closure returns (MoMo), so it cannot be a wrapper's base.
+- `inputs`: the task inputs (`image`, `features`, `tokens`) its step can take as configured (`Inputs`; TRAM's
+  reference=noise perturbs the inputs, so floating-point ones only); `validate()` refuses a dataset giving others.
 - `stability`: its edge-of-stability threshold (`Stability`, below): the top Hessian eigenvalue above which its
   step diverges on a quadratic, or a note saying that no such threshold applies (adaptive methods). Every
   optimizer that is not a wrapper declares one; a wrapper's is its base optimizer's (`stability(choice)`).
@@ -43,6 +45,15 @@ class Capabilities:
     per_sample_loss: bool = False
     needs_loss: bool = False  # its step uses the loss value (MoMo): it cannot be a wrapper's base
     stability: Optional["Stability"] = None  # its edge-of-stability threshold (None: undeclared; wrappers)
+    inputs: Optional["Inputs"] = None  # the input kinds its step can take (None: any)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The input kinds an optimizer's step can take, restricted by its setting `key` (a schema field), for `why`."""
+    kinds: tuple[str, ...]
+    key: str
+    why: str
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,15 @@ import torch
 
 from runner import paramspace
 from runner.config import check
-from runner.optim import OPTIMIZERS, Wraps
+from runner.optim import OPTIMIZERS, Inputs, Wraps
 from runner.optim.params import LR, Betas, Momentum, Nesterov, WeightDecay
 from runner.optim.perturbation import EngineParams, PerturbationOptimizer, engine_kwargs
 
 REFERENCES = ("previous", "initial", "noise")
+
+#: reference=noise adds N(0, sigma²) to the inputs: floating-point ones only (not token ids).
+NOISE_INPUTS = Inputs(("image", "features"), "reference", "it adds Gaussian noise to the inputs, so they must be "
+                      "floating point; use optimizer.reference=previous or initial")
 
 
 def forward_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -177,7 +181,7 @@ class TRAMParams(Wraps, EngineParams, Betas, Nesterov, Momentum, WeightDecay, LR
 
 
 @OPTIMIZERS.register("tram", TRAMParams, "TRAM (Sherborne et al. 2024): ASAM with a trust-region (KL) radius",
-                     passes_per_step=2)
+                     passes_per_step=2, inputs=lambda p: NOISE_INPUTS if p.reference == "noise" else None)
 def tram(params, reference, adaptive, scale, rho_max, sigma, base, weight_decay_in_loss, skip_nonfinite, **shared):
     """`base` is the validated base optimizer (a Choice); `shared` were handed to it during validation."""
     kwargs = engine_kwargs(base, weight_decay_in_loss, skip_nonfinite)
