@@ -19,14 +19,18 @@ CONF_DIR = REPO / "conf"
 
 
 # Modules whose wall time is mostly waiting or one long serial claim (SLURM's requeue after a time limit, the
-# grokking paper's 2000-step runs): collected first, so that under `-n 2 --dist loadscope` one worker starts them
-# while the others take everything else, instead of the suite ending with them alone.
+# grokking paper's 2000-step runs): collected first, then the others by their number of tests, most first. With
+# `-n 3 --dist loadscope --no-loadscope-reorder` (xdist's own reordering sorts by test count only) the workers take
+# modules in this order, so the long ones start at once instead of ending the suite alone.
 START_FIRST = ("test_slurm.py", "test_grokking.py")
 
 
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(START_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
+    count: dict = {}
+    for item in items:
+        count[item.path] = count.get(item.path, 0) + 1
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -count[item.path], str(item.path)))
 
 
 @pytest.fixture

@@ -120,6 +120,9 @@ def test_scancel_of_one_task_is_recorded_and_tallied(tmp_path):
     assert "CANCELLED" in cancelled[0]["error"]
 
 
+EPOCHS = "trainer.epochs=150"  # ~1 min of training at idle: the time limit (1 min) still cuts it (delay below)
+
+
 def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_result(tmp_path):
     """Two sweeps at once: one preempted with `scancel --signal=USR2` after its first checkpoint, one past its
     time limit (1 minute; SLURM's USR2 timed from the twin's measured training time so that the first window
@@ -131,14 +134,14 @@ def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_resu
         folder.mkdir()
     # the uninterrupted twin first, here (not on SLURM): it also measures how long the training takes
     reference = twin / "run"
-    out = subprocess.run([sys.executable, "-m", "runner", "trainer.epochs=600", *args, "logger=none",
+    out = subprocess.run([sys.executable, "-m", "runner", EPOCHS, *args, "logger=none",
                           "trainer.progress=false", f"hydra.run.dir={reference}"], cwd=twin, env=cli_env(twin),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     training_s = summary(reference)["wall_s"]
     delay = max(5, int(60 - 10 - 0.6 * training_s))  # USR2 at 60 s - delay: ~10 s of start-up, then 60% of training
-    p = runner(preempted, "trainer.epochs=600", *args, wait=False)
-    t = runner(timed, "trainer.epochs=600", "hydra.launcher.timeout_min=1", f"hydra.launcher.signal_delay_s={delay}",
+    p = runner(preempted, EPOCHS, *args, wait=False)
+    t = runner(timed, EPOCHS, "hydra.launcher.timeout_min=1", f"hydra.launcher.signal_delay_s={delay}",
                *args, wait=False)
     deadline = time.monotonic() + 120
     checkpoint = None
