@@ -21,6 +21,8 @@ import torch
 
 from tests.conftest import cli_env, runner_process
 
+pytestmark = pytest.mark.slow  # adversary regressions: CLI runs on copies of shared runs (the full suite)
+
 TINY = ("model.hidden=[16]", "trainer.progress=false", "logger=none")
 PCA = ("analysis=pca", "analysis.pca.points=4", "analysis.pca.samples=256")
 TRAINED = (*TINY, "trainer.epochs=4", *PCA)  # 4 epochs: 4 parameter snapshots
@@ -179,6 +181,7 @@ def test_a_bad_device_is_one_line_and_exit_2_before_any_work(trained, tmp_path, 
 
 HOOK = '''
 import importlib, os, signal, sys
+
 
 module_name, qualname = os.environ["SIGNAL_AT"].split(":")
 signum = getattr(signal, os.environ.get("SIGNAL_NAME", "SIGTERM"))

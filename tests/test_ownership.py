@@ -27,6 +27,8 @@ try:
 except ImportError:
     from conftest import cli_env, runner_process
 
+pytestmark = pytest.mark.slow  # adversary regressions: CLI runs on copies of shared runs (the full suite)
+
 TINY = ("model.hidden=[16]", "trainer.progress=false", "logger=none")
 STEPS_PER_EPOCH = 23  # digits, batch 64
 
@@ -262,6 +264,7 @@ FULL_DISK = """
 import errno, os, runpy, sys
 import torch
 from runner.rundir import RunDir
+
 def full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 torch.save = full
