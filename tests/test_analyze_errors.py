@@ -179,50 +179,12 @@ def test_a_bad_device_is_one_line_and_exit_2_before_any_work(trained, tmp_path, 
 
 # ------------------------------------------------------------------------------- signals between runs or jobs
 
-HOOK = '''
-import importlib, os, signal, sys
-
-
-module_name, qualname = os.environ["SIGNAL_AT"].split(":")
-signum = getattr(signal, os.environ.get("SIGNAL_NAME", "SIGTERM"))
-nth, calls = int(os.environ.get("SIGNAL_CALL", "1")), [0]
-
-def patch():
-    owner = module = importlib.import_module(module_name)
-    attr = qualname
-    if "." in qualname:
-        owner_name, attr = qualname.split(".")
-        owner = getattr(module, owner_name)
-    original = getattr(owner, attr)
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth:
-            os.kill(os.getpid(), signum)
-        return original(*args, **kwargs)
-
-    setattr(owner, attr, wrapper)
-
-class Finder:  # patch when the command's own module is first looked up (its signal handlers come after)
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname in ("runner.app", "runner.analyze"):
-            sys.meta_path.remove(self)
-            patch()
-        return None
-
-sys.meta_path.insert(0, Finder())
-'''
-
-
 def with_signal(tmp_path: Path, module: str, at: str, *args, call: int = 1, name: str = "SIGTERM"):
-    """`python -m <module> *args` whose `call`-th entry into `at` (module:function) sends it the signal `name`."""
-    hook = tmp_path / "hook"
-    hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(HOOK)
-    env = cli_env(tmp_path, SIGNAL_AT=at, SIGNAL_CALL=str(call), SIGNAL_NAME=name)
-    env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """`python -m <module> *args` whose `call`-th entry into `at` (module:function) sends it the signal `name`
+    (tests/test_signals.py's hook)."""
+    from tests.test_signals import run_with_signal
+
+    return run_with_signal(tmp_path, at, *args, name=name, call=call, module=module)
 
 
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])

@@ -24,9 +24,12 @@ import importlib, os, signal, sys
 
 target, signame = os.environ["SIGNAL_AT"], os.environ.get("SIGNAL_NAME", "SIGTERM")
 signum = getattr(signal, signame)
+nth, calls = int(os.environ.get("SIGNAL_CALL", "1")), [0]  # the signal on the nth entry (e.g. between two runs)
 
 def fire():
-    os.kill(os.getpid(), signum)
+    calls[0] += 1
+    if calls[0] == nth:
+        os.kill(os.getpid(), signum)
 
 if target.startswith("import:"):  # the first import of a module: the middle of start-up
     name = target.split(":", 1)[1]
@@ -58,7 +61,7 @@ else:  # module:Class.function or module:function, wrapped to signal on entry
 
     class Finder:  # patch once the module is imported by the runner itself (imports stay in their order)
         def find_spec(self, fullname, path=None, target=None):
-            if fullname == "runner.app":  # __main__ imports it after installing its signal handlers
+            if fullname in ("runner.app", "runner.analyze"):  # imported after the command's signal handlers
                 sys.meta_path.remove(self)
                 patch()
             return None
@@ -67,14 +70,17 @@ else:  # module:Class.function or module:function, wrapped to signal on entry
 '''
 
 
-def run_with_signal(tmp_path: Path, at: str, *args, name: str = "SIGTERM") -> subprocess.CompletedProcess:
+def run_with_signal(tmp_path: Path, at: str, *args, name: str = "SIGTERM", call: int = 1,
+                    module: str = "runner") -> subprocess.CompletedProcess:
+    """`python -m <module> *args` whose `call`-th entry into `at` (module:function, or import:module) sends it the
+    signal `name`."""
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(HOOK)
-    env = cli_env(tmp_path, SIGNAL_AT=at, SIGNAL_NAME=name)
+    env = cli_env(tmp_path, SIGNAL_AT=at, SIGNAL_NAME=name, SIGNAL_CALL=str(call))
     env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def one_line(out: subprocess.CompletedProcess) -> str:
