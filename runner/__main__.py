@@ -1,7 +1,7 @@
 """`python -m runner [overrides]`: check the command line, run the Hydra app, exit 1 if a sweep job failed."""
 import sys
 
-from runner.signals import install
+from runner.signals import exit_now, install
 
 if __name__ == "__main__":
     install()  # before the heavy imports: Ctrl-C or SIGTERM at any moment is one line, whatever was inherited
@@ -14,6 +14,8 @@ if __name__ == "__main__":
         new_launch()
         main()
         code = sweep_exit_code(sys.argv[1:])  # a signal while the tally is read: the interrupted line has it
+    except SystemExit as e:  # Hydra's and our own one-line refusals
+        code = e.code
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what was recorded, not a traceback
         from runner.signals import ignore
 
@@ -22,5 +24,4 @@ if __name__ == "__main__":
 
         line, code = interrupted(e, sys.argv[1:])
         print(line, file=sys.stderr)
-        sys.exit(code)
-    sys.exit(code)
+    exit_now(code)  # sys.exit(code), without a second of module teardown

@@ -339,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from runner.signals import ignore, install
+    from runner.signals import exit_now, ignore, install
 
     install()  # Ctrl-C works even when the shell started us with SIGINT ignored (`nohup ... &`)
     try:
-        sys.exit(main())
+        code = main()
+    except SystemExit as e:
+        code = e.code
     except KeyboardInterrupt as e:
         ignore()
         line, code = interrupted(e)
         print(line, file=sys.stderr)
-        sys.exit(code)
+    exit_now(code)

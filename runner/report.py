@@ -918,4 +918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runner.signals import exit_now
+
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)

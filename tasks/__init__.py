@@ -173,4 +173,50 @@ def long_tailed_indices(y: torch.Tensor, num_classes: int, ratio: float, seed: i
     return torch.cat(kept).sort().values
 
 
+
+def stratified_split(labels, test_fraction: float, seed: int):
+    """(train, test) index arrays of a stratified split: the same indices as scikit-learn's
+    `train_test_split(range(n), test_size=test_fraction, random_state=seed, stratify=labels)` (tests compare
+    them), so the split the runner has always used stays the same without importing scikit-learn, which costs
+    about a second on every run of the default (digits) experiment.
+
+    The test split has ceil(test_fraction * n) samples. Each class gets a share of the training split, then of
+    the test split, in proportion to its count: floors first, then one more to the largest remainders (ties in
+    random order). Each class's samples are taken in a random order, and both lists come shuffled; one
+    `numpy.random.RandomState(seed)` draws everything, in that order.
+    """
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    n_test = math.ceil(test_fraction * len(labels))
+    _, class_of, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    members = np.split(np.argsort(class_of, kind="stable"), np.cumsum(counts)[:-1])
+    train_shares = _proportional_shares(counts, len(labels) - n_test, rng)
+    test_shares = _proportional_shares(counts - train_shares, n_test, rng)
+    train, test = [], []
+    for indices, n_train_c, n_test_c in zip(members, train_shares, test_shares):
+        shuffled = indices[rng.permutation(len(indices))]
+        train.extend(shuffled[:n_train_c])
+        test.extend(shuffled[n_train_c:n_train_c + n_test_c])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _proportional_shares(counts, total: int, rng):
+    """`total` split over classes in proportion to `counts`: floors, then +1 by largest remainder, ties random."""
+    import numpy as np
+
+    exact = counts / counts.sum() * total
+    shares = np.floor(exact)
+    missing = int(total - shares.sum())
+    remainders = exact - shares
+    for value in np.unique(remainders)[::-1]:
+        if missing == 0:
+            break
+        (tied,) = np.where(remainders == value)
+        chosen = rng.choice(tied, size=min(len(tied), missing), replace=False)
+        shares[chosen] += 1
+        missing -= len(chosen)
+    return shares.astype(int)
+
+
 from tasks import image_classification, modular_arithmetic, tabular_classification  # noqa: E402,F401

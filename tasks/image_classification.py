@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from runner.config import ConfigError, check
 from runner.data import DeviceBatches
-from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, ImageInput, Task, long_tailed_indices
+from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, ImageInput, Task, long_tailed_indices, stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
 
@@ -171,15 +171,24 @@ def check_available(name: str, *, root: str = "data", download: bool = False, **
 
 
 def _digits() -> ImageData:
-    """scikit-learn's 1797 8x8 digits (levels 0..16 scaled to 0..255); stratified 80/20 split, random_state=0."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's 1797 8x8 digits (levels 0..16 scaled to 0..255); stratified 80/20 split, random_state=0.
 
-    digits = load_digits()
-    x = torch.as_tensor(digits.images * 255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
-    y = torch.as_tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(list(range(len(y))), test_size=0.2, random_state=0,
-                                           stratify=y.numpy())
+    Read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`, what `load_digits` reads:
+    64 pixel columns and the label), found without importing scikit-learn (a second per run)."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("dataset", "digits", "scikit-learn installed (its digits file is the dataset)")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    x = torch.as_tensor(table[:, :-1].reshape(-1, 1, 8, 8) * 255.0 / 16.0).round().to(torch.uint8)  # (N, 1, 8, 8)
+    y = torch.as_tensor(table[:, -1].astype(np.int64))
+    idx_train, idx_test = (torch.as_tensor(i) for i in stratified_split(y.numpy(), 0.2, seed=0))
     train = Split(x[idx_train], y[idx_train])
     test = Split(x[idx_test], y[idx_test])
     pixels = train.x.double() / 255.0

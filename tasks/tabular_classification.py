@@ -21,7 +21,7 @@ import torch
 
 from runner.config import check
 from runner.data import DeviceBatches
-from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, FeatureInput, Task, long_tailed_indices
+from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, FeatureInput, Task, long_tailed_indices, stratified_split
 
 LOADERS = {"wine": "load_wine", "breast_cancer": "load_breast_cancer"}
 
@@ -43,12 +43,11 @@ class TabularParams:
 def load_tabular(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test), float32 features standardized with the train split's statistics."""
     import sklearn.datasets
-    from sklearn.model_selection import train_test_split
 
     bunch = getattr(sklearn.datasets, LOADERS[name])()
     x = torch.as_tensor(bunch.data, dtype=torch.float64)
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    train, test = train_test_split(list(range(len(y))), test_size=0.2, random_state=0, stratify=y.numpy())
+    train, test = (torch.as_tensor(i) for i in stratified_split(y.numpy(), 0.2, seed=0))
     mean, std = x[train].mean(0), x[train].std(0, unbiased=False)
     std = torch.where(std > 0, std, torch.ones_like(std))
     x = ((x - mean) / std).float()

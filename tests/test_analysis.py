@@ -159,6 +159,7 @@ def test_pca_of_the_trajectory_during_training(run_cli, tmp_path):
 
 # -------------------------------------------------------------------------------------------------- post hoc
 
+@pytest.mark.slow
 def test_post_hoc_on_a_glob_skips_what_is_done_and_the_report_has_the_column(trained, tmp_path):
     pattern = str(trained["sgd"].parent / "s*")
     out = analyze_cli(tmp_path, pattern, *fast("hessian"))
@@ -360,6 +361,7 @@ def test_a_failing_analysis_keeps_the_training_and_exits_1(run_cli, tmp_path):
     assert "Traceback" in (tmp_path / "run" / "runner.log").read_text()
 
 
+@pytest.mark.slow
 def test_figures_go_to_wandb_as_images_also_post_hoc(run_cli, tmp_path, caplog, one_thread):
     """A post-hoc analysis continues the run's dashboard run: offline, wandb cannot resume in place, so its one new
     folder (same id) holds the whole run again, the figures in the row of the checkpoint's step; a call with

@@ -62,6 +62,40 @@ def test_digits():
     assert torch.equal(again.test.x, data.test.x) and torch.equal(again.test.y, data.test.y)
 
 
+
+def test_digits_is_scikit_learns_load_digits_with_its_train_test_split():
+    """Oracle: the runner reads sklearn's digits file itself and splits it without sklearn; the result is
+    exactly `load_digits()` split by `train_test_split(stratify=y, test_size=0.2, random_state=0)`."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images * 255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)
+    y = torch.as_tensor(digits.target, dtype=torch.int64)
+    train, test = train_test_split(list(range(len(y))), test_size=0.2, random_state=0, stratify=y.numpy())
+    data = load_image_data("digits", "unused", download=False)
+    assert torch.equal(data.train.x, x[train]) and torch.equal(data.train.y, y[train])
+    assert torch.equal(data.test.x, x[test]) and torch.equal(data.test.y, y[test])
+
+
+@pytest.mark.parametrize("n, classes, fraction, seed", [
+    (1797, 10, 0.2, 0), (569, 2, 0.2, 0), (178, 3, 0.2, 0), (150, 3, 0.2, 0),  # digits, breast_cancer, wine, iris
+    (101, 7, 0.33, 5), (40, 4, 0.5, 1), (23, 3, 0.15, 2), (1000, 13, 0.1, 9),  # uneven classes: ties, remainders
+])
+def test_stratified_split_equals_scikit_learns_train_test_split(n, classes, fraction, seed):
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from tasks import stratified_split
+
+    labels = np.random.RandomState(n + seed).randint(0, classes, size=n)
+    labels[:2 * classes] = np.repeat(np.arange(classes), 2)  # every class has two members, as sklearn requires
+    expected_train, expected_test = train_test_split(list(range(n)), test_size=fraction, random_state=seed,
+                                                     stratify=labels)
+    train, test = stratified_split(labels, fraction, seed)
+    assert train.tolist() == list(expected_train) and test.tolist() == list(expected_test)
+
+
 def test_synthetic():
     data = load_image_data("synthetic", "unused", download=False, synthetic_size=200, seed=3)
     assert data.train.x.shape == (200, 3, 32, 32) and data.test.x.shape == (40, 3, 32, 32)

@@ -697,6 +697,7 @@ def test_ci_interval_is_clipped_only_for_accuracies_in_0_1():
     assert not unit_interval("test/loss", [0.5]) and not unit_interval("test/acc", [97.5, 96.0])  # in percent
 
 
+@pytest.mark.slow
 def test_long_labels_give_no_layout_warning(configs, tmp_path, capsys):
     """matplotlib's "Tight layout not applied" warning reached stderr when group labels were long (every key
     that differs anywhere): the labels are short now, and a long one (`--label` with many keys) is wrapped."""

@@ -174,6 +174,7 @@ def test_a_sweep_of_zero_jobs_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_of_more_than_500_jobs_is_checked_up_front(tmp_path):
     """`seed=range(0,501) optimizer.lr=-1` made 501 failed run folders: the check stopped at 500 jobs."""
     out = runner_process(tmp_path, "-m", "seed=range(0,501)", "optimizer.lr=-1", "trainer.progress=false",
@@ -182,6 +183,7 @@ def test_a_sweep_of_more_than_500_jobs_is_checked_up_front(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_a_big_sweeps_folders_and_tally_are_checked_too(tmp_path, preflight):
     """Beyond 500 jobs the folder collision check and the expected-jobs count (the "lost" tally) ran no more."""
     from runner import sweep
