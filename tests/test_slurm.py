@@ -120,13 +120,13 @@ def test_scancel_of_one_task_is_recorded_and_tallied(tmp_path):
     assert "CANCELLED" in cancelled[0]["error"]
 
 
-EPOCHS = "trainer.epochs=150"  # ~1 min of training at idle: the time limit (1 min) still cuts it (delay below)
+EPOCHS = "trainer.epochs=250"  # ~30 s of training at idle: the time limit (1 min) still cuts it (delay below)
 
 
 def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_result(tmp_path):
     """Two sweeps at once: one preempted with `scancel --signal=USR2` after its first checkpoint, one past its
-    time limit (1 minute; SLURM's USR2 timed from the twin's measured training time so that the first window
-    holds about 60% of the training: one requeue on any machine). Both are requeued, resume from their
+    time limit (1 minute; SLURM's USR2 timed from the twin's measured start-up and training time so that the first
+    window holds about half of the training: one requeue on any machine). Both are requeued, resume from their
     checkpoints and end with the metrics and weights of the uninterrupted twin (deterministic, one thread)."""
     args = ("trainer.deterministic=true", "model=cnn", "model.width=8")
     preempted, timed, twin = tmp_path / "preempted", tmp_path / "timed", tmp_path / "twin"
@@ -134,12 +134,17 @@ def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_resu
         folder.mkdir()
     # the uninterrupted twin first, here (not on SLURM): it also measures how long the training takes
     reference = twin / "run"
+    started = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "runner", EPOCHS, *args, "logger=none",
                           "trainer.progress=false", f"hydra.run.dir={reference}"], cwd=twin, env=cli_env(twin),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     training_s = summary(reference)["wall_s"]
-    delay = max(5, int(60 - 10 - 0.6 * training_s))  # USR2 at 60 s - delay: ~10 s of start-up, then 60% of training
+    start_up_s = time.monotonic() - started - training_s  # imports, build, final records: measured, not assumed
+    # USR2 at 60 s - delay: twice the twin's start-up (a SLURM job starts slower: submitit, two jobs at once; before
+    # its first checkpoint a requeue would start it over), then half the twin's training (a job as fast as the twin
+    # is still training then)
+    delay = max(5, int(60 - 2 * start_up_s - 0.5 * training_s))
     p = runner(preempted, EPOCHS, *args, wait=False)
     t = runner(timed, EPOCHS, "hydra.launcher.timeout_min=1", f"hydra.launcher.signal_delay_s={delay}",
                *args, wait=False)
