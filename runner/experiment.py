@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from runner.cluster import SINGLE, Cluster
 from runner.config import ConfigError
 from runner.optim import Capabilities, build_optimizer, capabilities
 from runner.rundir import RunDir
@@ -42,6 +43,7 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     capabilities: Capabilities
+    cluster: Cluster = SINGLE  # the process group (runner/cluster.py); one process: SINGLE
 
     @property
     def signature(self) -> str:
@@ -123,9 +125,10 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
         torch.backends.cudnn.allow_tf32 = True
 
 
-def build(spec: Spec, device: torch.device) -> Experiment:
+def build(spec: Spec, device: torch.device, cluster: Cluster = SINGLE) -> Experiment:
     """Seed, then build the task's data, the model, the objective, the optimizer and the schedule (in this order:
-    the random draws of each, hence the numbers of a run, depend on it)."""
+    the random draws of each, hence the numbers of a run, depend on it). Every rank of a `cluster` builds the same
+    (same seed: the same weights, the same data order; each takes its part of each batch in the loop)."""
     trainer = spec.trainer
     channels_last = trainer.channels_last if trainer.channels_last is not None else device.type == "cuda"
     caps = capabilities(spec.optimizer)
@@ -140,6 +143,8 @@ def build(spec: Spec, device: torch.device) -> Experiment:
         model.register_forward_pre_hook(_float64_inputs)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cluster.distributed and trainer.sync_bn:  # BN over the global batch (same parameters, before the optimizer)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sized = {"num_samples": task.train.num_samples} if loss_indices else {}
     objective = spec.loss.build(num_classes=task.num_classes, **sized).to(device)  # its buffers on the device
     optimizer = build_optimizer(spec.optimizer, model.parameters())
@@ -147,7 +152,7 @@ def build(spec: Spec, device: torch.device) -> Experiment:
         optimizer.set_parameter_names({id(p): name for name, p in model.named_parameters()})
     steps_per_epoch = len(task.train)
     scheduler = build_scheduler(spec.scheduler, optimizer, trainer.total_steps(steps_per_epoch), steps_per_epoch)
-    return Experiment(spec, device, task, model, objective, optimizer, scheduler, caps)
+    return Experiment(spec, device, task, model, objective, optimizer, scheduler, caps, cluster)
 
 
 def _float64_inputs(module, args):

@@ -129,9 +129,87 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     Errors: ConfigError before any work (nothing recorded); any later failure is recorded in summary.json
     (status failed) and raised as RunFailed; Ctrl-C and SIGTERM are recorded as `interrupted` and re-raised.
     """
+    cluster = join_cluster(cfg)
     spec = validate(cfg)
     check_environment(spec)
-    device = resolve_device(spec.trainer.device)
+    device = cluster.device(resolve_device(spec.trainer.device))
+    if spec.trainer.devices > cluster.world:  # not in a process group yet: one process per device, each runs this
+        from runner.launch import launch
+
+        return launch(cfg, run_dir, spec.trainer.devices, device)
+    if not cluster.is_main:
+        return _follow(spec, device, cluster, Path(run_dir))
+    decided = Decision(cluster)  # rank 0 tells the other ranks what it found (skip, busy, train)
+    with decided:
+        return _run_main(spec, device, cluster, Path(run_dir), decided)
+
+
+def join_cluster(cfg: DictConfig):
+    """The process group of this process (runner/cluster.py), joined once; under torchrun (or a SLURM job with one
+    task per device) `trainer.devices` is the number of processes, and a different value is refused."""
+    import torch
+
+    from runner.cluster import Cluster
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    trainer = cfg.get("trainer") or {}
+    if world > 1:
+        asked = trainer.get("devices", 1)
+        if asked not in (1, world):
+            raise ConfigError("trainer.devices", message=(
+                f"trainer.devices={asked} but this process is one of {world} (WORLD_SIZE, set by torchrun or "
+                f"SLURM): leave trainer.devices out, or set it to {world}"))
+        if asked != world:
+            cfg.trainer.devices = world  # part of the run's identity
+    wanted = str(trainer.get("device", "auto"))
+    device_type = "cuda" if wanted.startswith("cuda") or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+    return Cluster.from_env(device_type)
+
+
+class Decision:
+    """What rank 0 found in the run folder, sent once to the other ranks before any of them builds: ("train",),
+    ("skip", summary) or ("stop", message) (busy, or any error first: the others end too, never hang)."""
+
+    def __init__(self, cluster):
+        self.cluster, self.sent = cluster, False
+
+    def send(self, *decision) -> None:
+        if not self.sent:
+            self.sent = True
+            self.cluster.broadcast(decision)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if not self.sent:
+            self.send("stop", f"rank 0 stopped before training: {_last_line(error) if error else 'no reason'}")
+
+
+def _follow(spec, device, cluster, run_dir: Path) -> dict:
+    """A rank other than 0: build the same experiment, resume from the same checkpoint, train its part; rank 0
+    writes every record."""
+    decision = cluster.broadcast(None)
+    if decision[0] == "skip":
+        return decision[1]
+    if decision[0] == "stop":
+        raise RunBusy(decision[1])
+    record = RunDir(run_dir, create=False)
+    resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else latest_checkpoint(record)
+    experiment = build(spec, device, cluster)
+    progress = experiment.load_state_dict(resume, "rank 0's checkpoint") if resume is not None else Progress()
+    status = train(experiment, progress, _NoSink())
+    return {"status": status, "rank": cluster.rank}
+
+
+class _NoSink:
+    """The records of a rank other than 0: rank 0 writes them."""
+    def record(self, metrics: dict) -> None: ...
+    def checkpoint(self) -> None: ...
+    def best(self) -> None: ...
+
+
+def _run_main(spec, device, cluster, run_dir: Path, decided: "Decision") -> dict:
     resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else None
     record = RunDir(run_dir)
     sig = signature(spec.resolved)
@@ -142,6 +220,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                     record.summary_path)
     lock = RunLock(record.path)
     if previous is not None and previous.get("status") in ("completed", "diverged"):
+        decided.send("skip", {**previous, "skipped": True})  # the other ranks have nothing to do
         if spec.analysis is None or previous["status"] != "completed":
             return {**previous, "skipped": True}
         if not lock.acquire():  # analyses added to a finished run: analyse its checkpoint, never retrain
@@ -162,7 +241,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                     check_owner(record, sig, spec.seed, resume)
             record.remove_stale_temporaries()  # of atomic writes a killed process left (we hold the lock)
             try:
-                experiment, progress = _build_and_resume(spec, device, resume, where, record)
+                record.truncate_metrics(resume["progress"]["step"] if resume is not None else 0)
+                decided.send("train")
+                experiment, progress = _build_and_resume(spec, device, resume, where, record, cluster)
             except (ConfigError, KeyboardInterrupt):
                 raise
             except Exception as e:  # after validation: a recorded failure, never a half-made run dir
@@ -261,9 +342,9 @@ def replay_dashboard(spec, record: RunDir) -> None:
         logger.finish(summary) if summary is not None else logger.close()
 
 
-def _build_and_resume(spec, device, resume: dict | None, where: str, record: RunDir) -> tuple[Experiment, Progress]:
-    record.truncate_metrics(resume["progress"]["step"] if resume is not None else 0)
-    experiment = build(spec, device)
+def _build_and_resume(spec, device, resume: dict | None, where: str, record: RunDir, cluster
+                      ) -> tuple[Experiment, Progress]:
+    experiment = build(spec, device, cluster)
     progress = Progress()
     if resume is not None:
         progress = experiment.load_state_dict(resume, where)

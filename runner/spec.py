@@ -52,7 +52,9 @@ NON_IDENTITY_KEYS = tuple(
 ADDED_KEYS = {"trainer.steps": None, "trainer.eval_every_steps": None, "trainer.dtype": "float32",
               "model.bias": True, "model.embedding": None, "dataset.imbalance_ratio": None, "loss.dtype": None,
               # the SAM engine's options (issue 9): at their defaults, a SAM run keeps its folder
-              "optimizer.weight_decay_in_loss": False, "optimizer.skip_nonfinite": True, "optimizer.m": None}
+              "optimizer.weight_decay_in_loss": False, "optimizer.skip_nonfinite": True, "optimizer.m": None,
+              # many devices (issue 16): one device, and the engine's default, keep a run's folder
+              "trainer.devices": 1, "trainer.sync_bn": False, "optimizer.perturbation_sync": "local"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,30 @@ class Spec:
     trainer: Any  # runner.train.TrainerConfig
     resolved: dict
     analysis: Any = None  # runner.analysis.Plan, or None without analyses
+
+
+def check_devices(trainer, choices: dict) -> None:
+    """Many devices (`trainer.devices` > 1, runner/cluster.py): the global batch splits evenly over them, and a
+    method defined per device only (`per_device`, e.g. ESAM's per-sample selection) is not asked for its global
+    form."""
+    if trainer.devices <= 1:
+        return
+    batch = getattr(choices["dataset"].params, "batch_size", None)
+    if isinstance(batch, int) and batch % trainer.devices:
+        raise ConfigError("dataset.batch_size", message=(
+            f"dataset.batch_size={batch} does not split over trainer.devices={trainer.devices}: the global batch is "
+            f"split evenly over the devices; use a multiple of {trainer.devices}"))
+    if trainer.sync_bn and trainer.device == "cpu":
+        raise ConfigError("trainer.sync_bn", message="trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on "
+                                                     "GPUs only); leave it false on the CPU")
+    from runner.optim import capabilities
+
+    optimizer = choices["optimizer"]
+    why = capabilities(optimizer).per_device
+    if why and getattr(optimizer.params, "perturbation_sync", None) == "global":
+        raise ConfigError("optimizer.perturbation_sync", message=(
+            f"optimizer={optimizer.name} has no global form over devices: {why}; use "
+            f"optimizer.perturbation_sync=local"))
 
 
 def check_seed(seed: Any) -> int:
@@ -110,6 +136,7 @@ def validate(cfg: DictConfig | dict) -> Spec:
             f"optimizer={choices['optimizer'].name} with {key}={getattr(choices['optimizer'].params, restricted.key)}"
             f" takes {', '.join(restricted.kinds)} input ({restricted.why}); dataset={choices['dataset'].name} gives "
             f"{produces}"))
+    check_devices(trainer, choices)
     from runner.analysis import validate_plan
 
     analysis = validate_plan(resolved.get("analysis"))

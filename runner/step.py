@@ -19,6 +19,16 @@ methods need. Any optimizer the loop drives gets one per step as `optimizer.step
     closure.forward(select=, x=)  a forward without backward (BN statistics untouched): the logits, detached;
                                counted apart in `closure.forward_passes` (summary.json: forward_only_passes).
 
+Many devices (runner/cluster.py): `x, y` are this rank's part of the global batch; a pass's gradient is averaged over
+the ranks during its backward (DistributedDataParallel), unless the step runs its passes apart:
+    closure.apart = True       (set by the perturbation engine for `perturbation_sync=local`) passes keep the rank's
+                               own gradient (DDP's `no_sync`, forward and backward inside);
+    with closure.together():   a pass inside is averaged over the ranks even so (SAM's descent pass);
+    closure.synced             whether the gradients now in p.grad are averaged over the ranks (the engine averages
+                               them before its base step when they are not: `closure.mean_grads()`).
+A synced pass returns the loss averaged over the ranks (MoMo's step size reads it). With one process all of this is
+the identity.
+
 Conventions the loop guarantees:
 - BN running statistics are updated by the first pass of a step only; later passes (at w + e(w), or on a
   subset) normalize with their own batch statistics but leave `running_mean/var` alone (davda54/sam);
@@ -35,12 +45,15 @@ from typing import Callable, Optional
 
 import torch
 
+from runner.cluster import SINGLE, Cluster
+
 
 class StepClosure:
     def __init__(self, model: torch.nn.Module, objective: Callable, x: torch.Tensor, y: torch.Tensor, *,
                  autocast, frozen_bn, params: list[torch.Tensor], zero_grad: Callable[[], None],
                  grad_clip: Optional[float] = None, on_first_pass: Optional[Callable] = None,
-                 indices: Optional[torch.Tensor] = None, per_sample: bool = False, _parent: "StepClosure" = None):
+                 indices: Optional[torch.Tensor] = None, per_sample: bool = False, cluster: Cluster = SINGLE,
+                 weight: float = 1.0, _parent: "StepClosure" = None):
         self.model, self.objective, self.x, self.y = model, objective, x, y
         self.autocast, self.frozen_bn, self.params, self.zero_grad = autocast, frozen_bn, params, zero_grad
         self.grad_clip, self.on_first_pass, self.indices, self.per_sample = grad_clip, on_first_pass, indices, per_sample
@@ -51,6 +64,8 @@ class StepClosure:
         self.forward_samples = 0  # samples of forward-only passes (`forward`), counted at the root
         self.per_sample_loss: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
+        self.cluster, self.weight = cluster, weight  # weight: this rank's share of the global batch (cluster.weight)
+        self.apart, self.synced = False, True         # read at the root (see the module docstring)
 
     def __call__(self, select: Optional[torch.Tensor] = None, extra: Optional[Callable] = None,
                  create_graph: bool = False) -> torch.Tensor:
@@ -63,18 +78,23 @@ class StepClosure:
         self.zero_grad()
         indices = self.indices if select is None or self.indices is None else self.indices[select]
         kwargs = {"indices": indices} if getattr(self.objective, "needs_indices", False) else {}
-        with torch.enable_grad(), (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
-            logits = self.model(x)
-            if self.per_sample:
-                losses = self.objective(logits, y, reduction="none", **kwargs)
-                loss = losses.mean()
-                self.per_sample_loss = losses.detach()
-            else:
-                loss = self.objective(logits, y, **kwargs)
-            objective = loss.detach()
-            if extra is not None:
-                loss = loss + extra(logits, y, indices)
-        loss.backward(create_graph=create_graph)
+        apart = self._root.apart and self.cluster.distributed
+        with self.cluster.no_sync(self.model) if apart else contextlib.nullcontext():
+            with torch.enable_grad(), (contextlib.nullcontext() if first else self.frozen_bn), self.autocast:
+                logits = self.model(x)
+                if self.per_sample:
+                    losses = self.objective(logits, y, reduction="none", **kwargs)
+                    loss = losses.mean()
+                    self.per_sample_loss = losses.detach()
+                else:
+                    loss = self.objective(logits, y, **kwargs)
+                objective = loss.detach()
+                if extra is not None:
+                    loss = loss + extra(logits, y, indices)
+                if self.weight != 1.0:
+                    loss = loss * self.weight
+            loss.backward(create_graph=create_graph)
+        self._root.synced = not apart
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         self.logits = logits.detach()
@@ -85,7 +105,25 @@ class StepClosure:
             self._root.samples += len(y)
         else:
             self._calls += 1
+        if self.cluster.distributed and not apart:
+            return self.cluster.mean(loss)
         return loss
+
+    @contextlib.contextmanager
+    def together(self):
+        """Passes inside are averaged over the ranks, even in a step that runs its passes apart."""
+        root, before = self._root, self._root.apart
+        root.apart = False
+        try:
+            yield
+        finally:
+            root.apart = before
+
+    def mean_grads(self) -> None:
+        """Average the gradients in p.grad over the ranks, unless the last pass did (a no-op on one process)."""
+        if self.cluster.distributed and not self._root.synced:
+            self.cluster.mean_grads(self.params)
+            self._root.synced = True
 
     @torch.no_grad()
     def forward(self, select: Optional[torch.Tensor] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -95,7 +133,7 @@ class StepClosure:
         if x is None:
             x = self.x if select is None else self.x[select]
         with self.frozen_bn, self.autocast:
-            logits = self.model(x)
+            logits = self.cluster.unwrap(self.model)(x)  # past DDP: no gradient to average
         self._root.forward_samples += len(x)
         return logits
 
@@ -122,5 +160,5 @@ class StepClosure:
                 self.model, self.objective, self.x[part], self.y[part], autocast=self.autocast,
                 frozen_bn=self.frozen_bn, params=self.params, zero_grad=self.zero_grad, grad_clip=self.grad_clip,
                 indices=None if self.indices is None else self.indices[part], per_sample=self.per_sample,
-                on_first_pass=self.on_first_pass, _parent=self))
+                on_first_pass=self.on_first_pass, cluster=self.cluster, weight=self.weight, _parent=self))
         return chunks

@@ -36,6 +36,7 @@ import torch
 from runner import paramspace
 from runner.config import check
 from runner.heartbeat import Work
+from runner.cluster import SINGLE, Cluster
 from runner.optim.bn import FrozenBNStats
 from runner.step import StepClosure
 
@@ -64,6 +65,8 @@ class TrainerConfig:
     checkpoint_every: int = 1
     save_best: bool = False
     resume: Optional[str] = None
+    devices: int = 1                           # processes, one per device (runner/cluster.py); the global batch is
+    sync_bn: bool = False                      # dataset.batch_size; sync_bn: BN over the global batch (CUDA)
 
     def __post_init__(self):
         check(self.epochs is not None or self.steps is not None, "epochs", self.epochs,
@@ -88,6 +91,7 @@ class TrainerConfig:
         if self.dtype == "float64":
             self.precision = "fp32"  # `auto` would autocast to bf16 on CUDA: float64 means no autocast anywhere
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        check(1 <= self.devices <= 1024, "devices", self.devices, "1..1024")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.steps if self.steps is not None else self.epochs * steps_per_epoch
@@ -136,9 +140,10 @@ class Evaluate(Callback):
         self.cadence, self.net, self.autocast = cadence, net, autocast
 
     def __call__(self, experiment, progress: Progress) -> dict:
-        out = {}
+        out, cluster = {}, experiment.cluster
+        cluster.broadcast_buffers(experiment.model)  # rank 0's BN running statistics everywhere (runner/cluster.py)
         for split, batches in experiment.task.evals.items():
-            for key, value in evaluate(self.net, batches, experiment.task.metrics, self.autocast).items():
+            for key, value in evaluate(self.net, batches, experiment.task.metrics, self.autocast, cluster).items():
                 out[f"{split}/{key}"] = value
         return out
 
@@ -158,28 +163,32 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, metrics, autocast) -> dict:
-    """The task's metrics over a split (eval mode), with one host sync at the end."""
+def evaluate(model: torch.nn.Module, batches, metrics, autocast, cluster: Cluster = SINGLE) -> dict:
+    """The task's metrics over a split (eval mode), with one host sync at the end. With many processes each
+    evaluates its part of every batch and the sums are added up over the ranks: the single-device numbers."""
     was_training = model.training
     model.eval()
     sums = metrics.zeros(batches.y.device)
     for batch in batches:
+        batch = cluster.shard(batch)
         with autocast:
             logits = model(batch.x)
         metrics.update(sums, logits, batch.y)
     model.train(was_training)
-    return metrics.compute(sums, batches.num_samples)
+    return metrics.compute(cluster.sum_(sums), batches.num_samples)
 
 
 def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callback] = ()) -> str:
     """Train from `progress` to the configured length; returns the status: "completed" or "diverged"."""
-    cfg, task, device = experiment.spec.trainer, experiment.task, experiment.device
+    cfg, task, device, cluster = experiment.spec.trainer, experiment.task, experiment.device, experiment.cluster
     optimizer, scheduler = experiment.optimizer, experiment.scheduler
     steps_per_epoch = len(task.train)
     total = cfg.total_steps(steps_per_epoch)
     epochs_shown = math.ceil(total / steps_per_epoch)
     autocast = autocast_for(device, cfg.precision)
     net = torch.compile(experiment.model) if cfg.compile else experiment.model
+    evaluated = net
+    net = cluster.wrap(net, device)  # DistributedDataParallel with many processes (runner/cluster.py)
     params = paramspace.trainable(experiment.model)
     frozen_bn = FrozenBNStats(experiment.model)  # for the passes after the first in multi-pass steps
     zero_grad = lambda: optimizer.zero_grad(set_to_none=True)  # noqa: E731
@@ -192,8 +201,10 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     else:                                  # a record per epoch, evaluation every eval_every epochs
         train_cadence, eval_cadence = Cadence(every_epochs=1), Cadence(every_epochs=cfg.eval_every)
     # the task's own diagnostics (e.g. grokking's softmax collapse) run with each evaluation
-    callbacks = [Evaluate(eval_cadence, net, autocast),
+    callbacks = [Evaluate(eval_cadence, evaluated, autocast),
                  *(make(eval_cadence) for make in task.callbacks), *callbacks]
+    if not cluster.is_main:  # the other ranks take part in the evaluation (sharded) only; rank 0 records the rest
+        callbacks = callbacks[:1]
 
     # train metrics since the last record, read at records only; the last entry sums the objective's own value
     # (`train/objective`, logged when the objective is not the reported cross-entropy itself)
@@ -202,13 +213,16 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     if progress.pending:                   # resumed from a checkpoint taken between two records
         saved = progress.pending["sums"]
         saved = saved if len(saved) == len(sums) else saved + [math.nan]  # a checkpoint from before train/objective
-        sums = [torch.tensor(v, dtype=z.dtype, device=device) for v, z in zip(saved, sums)]
+        if cluster.is_main:                # the saved sums are the ranks' total: counted once, by rank 0
+            sums = [torch.tensor(v, dtype=z.dtype, device=device) for v, z in zip(saved, sums)]
         seen, progress.pending = progress.pending["seen"], {}
 
     def checkpoint() -> None:
         """At an epoch end; the sums since the last record go with it (a sync, but only at a checkpoint taken
         between records, on the step clock), so a resumed run's next record is the uninterrupted run's."""
-        progress.pending = {"sums": [s.tolist() for s in sums], "seen": seen} if seen else {}
+        total = cluster.sum_([s.clone() for s in sums]) if seen else []
+        progress.pending = {"sums": [s.tolist() for s in total], "seen": seen} if seen else {}
+        cluster.broadcast_buffers(experiment.model)  # rank 0's BN statistics are the ones saved
         sink.checkpoint()
         progress.pending = {}
 
@@ -224,10 +238,13 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
             epoch_start, paused = time.perf_counter(), 0.0  # paused: the records' time (evaluations, analyses, ...)
             work.describe(f"epoch {epoch}/{epochs_shown}")
             for i, batch in enumerate(task.train):
+                global_size = len(batch.y)
+                batch = cluster.shard(batch)  # this rank's part of the global batch (all of it on one process)
                 closure = StepClosure(net, experiment.objective, batch.x, batch.y, autocast=autocast,
                                       frozen_bn=frozen_bn, params=params, zero_grad=zero_grad,
                                       grad_clip=cfg.grad_clip, on_first_pass=update, indices=batch.index,
-                                      per_sample=per_sample)
+                                      per_sample=per_sample, cluster=cluster,
+                                      weight=cluster.weight(len(batch.y), global_size))
                 optimizer.step(closure)
                 progress.last_step_lr = float(optimizer.param_groups[0]["lr"])  # before the schedule moves it
                 scheduler.step()
@@ -235,7 +252,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                 work.update()
                 progress.passes += closure.passes
                 progress.forward_passes += closure.forward_passes
-                seen += len(batch.y)
+                seen += global_size
                 epoch_end, final = i == steps_per_epoch - 1, progress.step >= total
                 if epoch_end:
                     progress.epoch = epoch
@@ -251,6 +268,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                           else round(progress.epoch + (i + 1) / steps_per_epoch, 6)}
                 diverged = False
                 if due_train and seen:
+                    cluster.sum_(sums)  # the ranks' sums added up (one collective)
                     for key, value in task.metrics.compute(sums[:-1], seen).items():   # the record's host sync
                         record[f"train/{key}"] = value
                     if log_objective:

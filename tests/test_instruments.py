@@ -13,26 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import Collect
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only contend (0.5 s vs 6 ms an HVP)
 
 STEPS = 6
 HESSIAN = ["analysis.hessian.iterations=6", "analysis.hessian.top_k=2", "analysis.hessian.trace_samples=0"]
-
-
-class Collect:
-    """A sink that keeps the loop's records."""
-
-    def __init__(self):
-        self.records = []
-
-    def record(self, metrics):
-        self.records.append(metrics)
-
-    def checkpoint(self):
-        pass
-
-    def best(self):
-        pass
 
 
 def experiment_of(compose, *overrides):

@@ -22,3 +22,19 @@ def closure_for(model, optimizer, x, y, calls: list | None = None):
             calls.append(loss.item())
         return loss
     return closure
+
+
+class Collect:
+    """A sink for the training loop (runner.train.Sink) that keeps its records and writes nothing."""
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, metrics):
+        self.records.append(metrics)
+
+    def checkpoint(self):
+        pass
+
+    def best(self):
+        pass

@@ -6,6 +6,8 @@ the closure's contract). Each entry declares its capabilities; the loop reads th
 - `sample_indices`: the closure must carry the batch's sample indices (per-sample selection, e.g. ESAM);
 - `per_sample_loss`: the closure must keep the per-sample objective of each pass;
 - `needs_loss`: its step uses the loss value the closure returns (MoMo), so it cannot be a wrapper's base.
+- `per_device`: on many devices, why the method has only its per-device form (`optimizer.perturbation_sync=local`,
+  runner/optim/perturbation.py), e.g. ESAM's selection among each device's own samples; `global` is then refused.
 - `inputs`: the task inputs (`image`, `features`, `tokens`) its step can take as configured (`Inputs`; TRAM's
   reference=noise perturbs the inputs, so floating-point ones only); `validate()` refuses a dataset giving others.
 - `stability`: its edge-of-stability threshold (`Stability`, below): the top Hessian eigenvalue above which its
@@ -46,6 +48,7 @@ class Capabilities:
     needs_loss: bool = False  # its step uses the loss value (MoMo): it cannot be a wrapper's base
     stability: Optional["Stability"] = None  # its edge-of-stability threshold (None: undeclared; wrappers)
     inputs: Optional["Inputs"] = None  # the input kinds its step can take (None: any)
+    per_device: Optional[str] = None  # why its step is defined per device only (refused with perturbation_sync=global)
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,12 @@ class Wraps:
 
 
 def build_optimizer(choice: Choice, params) -> torch.optim.Optimizer:
-    """The optimizer of a validated `optimizer` choice over `params` (tensors or param groups)."""
-    return choice.build(params)
+    """The optimizer of a validated `optimizer` choice over `params` (tensors or param groups). The engine's
+    `perturbation_sync` (many devices, runner/optim/perturbation.py) is set here, for every method at once."""
+    optimizer = choice.build(params)
+    if hasattr(choice.params, "perturbation_sync"):
+        optimizer.perturbation_sync = choice.params.perturbation_sync
+    return optimizer
 
 
 def _register_all() -> None:

@@ -188,7 +188,9 @@ class ESAMParams(Wraps, EngineParams, Betas, Nesterov, Momentum, WeightDecay, LR
 
 @OPTIMIZERS.register("esam", ESAMParams, "ESAM (Du et al. 2022): stochastic weight perturbation and "
                      "sharpness-sensitive data selection", passes_per_step=lambda p: 1 + p.gamma,
-                     per_sample_loss=True)
+                     per_sample_loss=True,
+                     per_device=lambda p: "with gamma < 1 it selects the sharpest samples among each device's own "
+                     "(a global top-k would gather every per-sample loss)" if p.gamma < 1 else None)
 def esam(params, rho, beta, gamma, swp_per_tensor, base, weight_decay_in_loss, skip_nonfinite, **shared):
     kwargs = engine_kwargs(base, weight_decay_in_loss, skip_nonfinite)
     kwargs["base_optimizer"] = kwargs.pop("base")

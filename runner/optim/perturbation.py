@@ -20,6 +20,15 @@ Options every method gets (`EngineParams`, one line each in the method's YAML):
 - `skip_nonfinite` (default true): a step whose gradient is not finite in any pass does not update the weights
   (nor the base optimizer's state) and is counted in `skipped_steps` (summary.json), as GSAM's code does. The check
   costs one host sync per step (a GradScaler does the same); false removes it.
+- `perturbation_sync` (default local; matters with `trainer.devices` > 1, runner/cluster.py). `local`, the SAM
+  paper's definition ("we divide each data batch evenly among the accelerators, independently compute the SAM
+  gradient on each accelerator, and average the resulting sub-batch SAM gradients", Foret et al. 2021, sec. 4.1):
+  every pass of the step runs apart on each rank (DDP's `no_sync`, forward and backward), so each rank is the
+  method on its own part of the batch, and the gradients are averaged over the ranks once, before the base step
+  (in SAM's own step the descent pass is averaged by DDP during its backward instead). With N ranks this is the
+  method with m-sharpness m = batch / N on one device. `global`: every pass is averaged over the ranks, so the
+  ascent uses the global batch's gradient: the single-device method with the global batch, at the cost of one more
+  all-reduce per step. With one process both are the same.
 - SAM-like methods also take `m` (m-sharpness, Foret et al. Fig. 3, `MSharpness`): the batch is split into chunks of
   m samples; each chunk is perturbed with its own gradient, and the chunks' gradients at their own w + e_c are
   averaged (weighted by size): still 2 passes' worth of compute. With m-sharpness BN running statistics are updated
@@ -31,6 +40,7 @@ are shared with the base, so lr schedules reach it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -43,11 +53,23 @@ from runner.config import Checked, Choice, check
 Groups = list[tuple[list[torch.Tensor], dict]]
 
 
+def together(closure):
+    """Passes inside are averaged over the ranks even when the step runs its passes apart (a no-op on one process
+or with a plain torch closure)."""
+    return closure.together() if hasattr(closure, "together") else contextlib.nullcontext()
+
+
 @dataclass
 class EngineParams(Checked):
     """Schema mixin: the engine's options (see the module docstring)."""
     weight_decay_in_loss: bool = False
     skip_nonfinite: bool = True
+    perturbation_sync: str = "local"
+
+    def check(self):
+        check(self.perturbation_sync in ("local", "global"), "perturbation_sync", self.perturbation_sync,
+              "local (each device perturbs with its own sub-batch's gradient, the SAM paper's) or global (with the "
+              "global batch's)")
 
 
 @dataclass
@@ -86,6 +108,8 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._saved_w: list[torch.Tensor] | None = None
         self._finite: torch.Tensor | None = None
+        self.perturbation_sync = "local"  # set from the config by runner.optim.build_optimizer
+        self._closure = None              # this step's loop closure (many devices: it averages the gradients)
 
     # ------------------------------------------------------------------------------------------- the pieces
     def perturbation(self, groups: Groups) -> list[list[torch.Tensor]]:
@@ -120,6 +144,15 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         """What every pass's gradient goes through: weight decay in the loss, then the finiteness check."""
         self.loss_decay()
         self.finite()
+
+    def batch_mean(self, closure, value: torch.Tensor) -> torch.Tensor:
+        """A statistic of the batch that is a mean over its samples (TRAM's d): on many devices with
+        `perturbation_sync=global`, the global batch's (the ranks' means weighted by their shares); otherwise this
+        rank's own."""
+        cluster = getattr(closure, "cluster", None)
+        if self.perturbation_sync == "global" and cluster is not None and cluster.distributed:
+            return cluster.mean(value * closure.weight)
+        return value
 
     @torch.no_grad()
     def perturb(self, e: list[list[torch.Tensor]]) -> None:
@@ -156,6 +189,10 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         a pass was not finite (then nothing changes and the step is counted). One host sync when checking."""
         self.restore()
         finite, self._finite = self._finite, None
+        closure, self._closure = self._closure, None
+        if closure is not None and closure.cluster.distributed:  # the ranks' gradients averaged, one verdict
+            closure.mean_grads()
+            finite = None if finite is None else closure.cluster.all_true(finite)
         if finite is not None and not bool(finite):
             self.skipped_steps += 1
             self.base_optimizer.zero_grad(set_to_none=True)
@@ -172,10 +209,11 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         closure = self._checked(closure)
         if self.m is not None and self.m < len(getattr(closure, "y", ())):
             return self._m_sharpness_step(closure)
-        loss = closure()        # g(w)
+        loss = closure()        # g(w)                (perturbation_sync=local: this rank's own)
         self.after_pass()
         self.ascend()           # w + e(w)
-        closure()               # g(w + e(w))
+        with together(closure):
+            closure()           # g(w + e(w))         (averaged over the ranks during backward)
         self.after_pass()
         self.commit()           # w <- base_step(w, g(w + e(w)))
         return loss
@@ -207,6 +245,8 @@ class PerturbationOptimizer(torch.optim.Optimizer):
                                "runs forward + backward and returns the loss (torch's closure protocol)")
         self._finite = None
         if hasattr(closure, "split"):  # the loop's StepClosure (runner/step.py) enables grad itself
+            closure.apart = self.perturbation_sync == "local"
+            self._closure = closure
             return closure
         return torch.enable_grad()(closure)
 

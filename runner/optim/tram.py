@@ -133,6 +133,7 @@ class TRAM(PerturbationOptimizer):
         loss = closure()                    # g(w_t) and the logits at w_t; BN running statistics updated here only
         self.after_pass()
         d = forward_kl(self.reference_logits(closure), closure.logits) * self.scale
+        d = self.batch_mean(closure, d)     # many devices, perturbation_sync=global: the global batch's d
         self.radius = d if self.rho_max is None else d.clamp(max=self.rho_max)
         self.ascend()                       # w_t + e
         closure()                           # g(w_t + e)
@@ -181,7 +182,9 @@ class TRAMParams(Wraps, EngineParams, Betas, Nesterov, Momentum, WeightDecay, LR
 
 
 @OPTIMIZERS.register("tram", TRAMParams, "TRAM (Sherborne et al. 2024): ASAM with a trust-region (KL) radius",
-                     passes_per_step=2, inputs=lambda p: NOISE_INPUTS if p.reference == "noise" else None)
+                     passes_per_step=2, inputs=lambda p: NOISE_INPUTS if p.reference == "noise" else None,
+                     per_device=lambda p: "reference=noise draws the input noise on each device for its own samples"
+                     if p.reference == "noise" else None)
 def tram(params, reference, adaptive, scale, rho_max, sigma, base, weight_decay_in_loss, skip_nonfinite, **shared):
     """`base` is the validated base optimizer (a Choice); `shared` were handed to it during validation."""
     kwargs = engine_kwargs(base, weight_decay_in_loss, skip_nonfinite)
