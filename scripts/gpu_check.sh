@@ -84,13 +84,15 @@ step "bench_train SAM" "$LIMIT" "$PY" scripts/bench_train.py --device "$DEVICE" 
 step "bench_analysis" "$LIMIT" "$PY" scripts/bench_analysis.py --device "$DEVICE" $ANALYSIS_ARGS
 step "bench_grokking" "$LIMIT" "$PY" scripts/bench_grokking.py --device "$DEVICE" $GROK_ARGS
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cuda ] && [ "${gpus:-0}" -ge 2 ]; then  # nccl over 2 GPUs: the default run, then SAM, local and global
+  step "trainer.devices=2 (nccl)" "$LIMIT" bash -c "$PY -m runner trainer.device=cuda trainer.devices=2 logger=none \
+    trainer.progress=false $RUN_ARGS hydra.run.dir=$WORK/run2 && $PY -m runner -m trainer.device=cuda \
+    trainer.devices=2 optimizer=sam optimizer.perturbation_sync=local,global logger=none trainer.progress=false \
+    $RUN_ARGS hydra.sweep.dir=$WORK/sweep2"
+else
+  { echo; echo "### trainer.devices=2: not run (${gpus:-0} CUDA device(s) here; nccl needs one GPU per process)"; } >> "$SECTION"
+fi
 {
-  echo
-  if [ "${gpus:-0}" -ge 2 ]; then
-    echo "### trainer.devices=2 scaling: not measured (the runner trains on one device until the distributed runner lands)"
-  else
-    echo "### trainer.devices=2 scaling: not measured (${gpus:-0} GPU(s) here)"
-  fi
   echo
   if [ ${#FAILED[@]} -eq 0 ]; then echo "Every step passed."; else echo "Failed: ${FAILED[*]}."; fi
 } >> "$SECTION"

@@ -18,14 +18,27 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 
-# Modules whose wall time is mostly waiting or one long serial claim (SLURM's requeue after a time limit, the
-# grokking paper's 2000-step runs): collected first, then the others by their number of tests, most first. With
-# `-n 3 --dist loadscope --no-loadscope-reorder` (xdist's own reordering sorts by test count only) the workers take
-# modules in this order, so the long ones start at once instead of ending the suite alone.
-START_FIRST = ("test_slurm.py", "test_grokking.py")
+# Modules whose wall time is mostly waiting or one long serial test (SLURM's requeue after a time limit, the
+# 2-process equivalence of every optimizer, the GPU check's steps on the CPU): collected first, then the others by
+# their number of tests, most first. With `-n 3 --dist loadscope --no-loadscope-reorder` (xdist's own reordering
+# sorts by test count only) the workers take modules in this order, so the long ones start at once instead of
+# ending the suite alone.
+START_FIRST = ("test_slurm.py", "test_distributed.py", "test_gpu_check.py")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--claims", action="store_true",
+                     help="also run the tests marked `claim`: a paper's finding reproduced at CPU scale (minutes each)")
 
 
 def pytest_collection_modifyitems(config, items):
+    # `claim` tests (a paper's finding at CPU scale, minutes of training) run with --claims only: they are
+    # experiments more than tests, and .ci/run runs them after the suite (the suite itself stays under 15 min)
+    if not config.getoption("--claims"):
+        claims = [item for item in items if item.get_closest_marker("claim")]
+        if claims:
+            config.hook.pytest_deselected(items=claims)
+            items[:] = [item for item in items if not item.get_closest_marker("claim")]
     rank = {name: i for i, name in enumerate(START_FIRST)}
     count: dict = {}
     for item in items:

@@ -137,6 +137,7 @@ def test_grokking_experiments_run_from_the_cli(run_cli, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 def test_the_papers_claim_orthograd_groks_adamw_collapses(run_cli, tmp_path):
     """Prieto et al. 2025 (Fig. 1, Fig. 6), addition mod 113, train fraction 0.4, the bias-free 200-200 MLP, full
     batch, no weight decay: ⊥AdamW (lr 1e-2, beta2 0.99) reaches >= 95% test accuracy within 300 steps (here at
