@@ -5,6 +5,7 @@ Sweep (`-m`): every job's config is validated before the first job starts; a job
 status goes to summary.json and the launch log); the process exits 1 at the end if any job failed.
 """
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,8 +29,23 @@ def task(cfg: DictConfig) -> str:
     """One job: a plain module-level function, so launchers in other processes can pickle it."""
     from runner.run import ForeignRunDir, RunBusy, RunFailed, failed_summary, run  # after Hydra parsed argv
 
+    from runner.cluster import export_slurm_ranks
+
+    export_slurm_ranks()  # a SLURM job with several tasks: each task is a rank
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if os.environ.get("RANK", "0") != "0":  # another rank (torchrun, SLURM tasks): rank 0's folder, its records
+        from runner.run import join_cluster
+
+        for handler in list(logging.getLogger().handlers):  # rank 0 writes the run's log
+            if isinstance(handler, logging.FileHandler):
+                logging.getLogger().removeHandler(handler)
+        run_dir = Path(join_cluster(cfg).broadcast(None))
+        return run(cfg, run_dir)["status"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 of one: the others learn the folder from it
+        from runner.run import join_cluster
+
+        join_cluster(cfg).broadcast(str(run_dir))
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             summary = run(cfg, run_dir)

@@ -163,3 +163,56 @@ class Cluster:
 
 SINGLE = Cluster()
 
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world) that torchrun (or torch's elastic launcher) gave this process; (0, 1) outside one."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def export_slurm_ranks() -> None:
+    """In a SLURM job with several tasks (`launcher=slurm hydra.launcher.tasks_per_node=N`, each task runs the job):
+    torch's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, by submitit's
+    own helper; each task then is one rank, on cuda:LOCAL_RANK."""
+    if (os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            and "WORLD_SIZE" not in os.environ):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def slurm_devices(argv: list[str]) -> int:
+    """The processes a SLURM job of this command line has: tasks per node x nodes (1 without launcher=slurm)."""
+    values = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv if "=" in a}
+    if values.get("launcher") != "slurm":
+        return 1
+    try:
+        return int(values.get("hydra.launcher.tasks_per_node", 1)) * int(values.get("hydra.launcher.nodes", 1))
+    except ValueError:
+        return 1
+
+
+def rank_argv(argv: list[str]) -> list[str]:
+    """The command line of one rank started by `torchrun --nproc-per-node=N -m runner ...`: `trainer.devices=N` is
+    added (it is part of the run's identity, so the folder is the one `trainer.devices=N` alone would use; the same
+    for `launcher=slurm` with N tasks per job), and the
+    ranks other than 0 get a throwaway Hydra output folder and log to the console only: rank 0's Hydra makes the run
+    folder and writes its config and log, and rank 0 tells the others where it is (runner/app.py)."""
+    rank, world = env_rank()
+    given = any(a.split("=", 1)[0].lstrip("+~") == "trainer.devices" for a in argv)
+    if world <= 1:
+        tasks = slurm_devices(argv)  # launcher=slurm with several tasks: the job's processes are the devices
+        return argv + [f"trainer.devices={tasks}"] if tasks > 1 and not given else argv
+    argv = list(argv)
+    if not given:
+        argv.append(f"trainer.devices={world}")
+    if rank > 0:
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix=f"runner-rank{rank}-")
+        atexit.register(shutil.rmtree, scratch, True)
+        argv += [f"hydra.run.dir={scratch}/run", f"hydra.sweep.dir={scratch}/sweep", "hydra.output_subdir=null",
+                 "hydra/job_logging=stdout"]
+    return argv
+

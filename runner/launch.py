@@ -5,19 +5,22 @@ The job's process validates the config and starts N workers on this machine (c10
 gloo on the CPU, nccl on CUDA, one GPU per worker); each worker runs `runner.run.run` as one rank of the group
 (runner/cluster.py): rank 0 writes the run directory, the others train their part. The job returns rank 0's
 summary. A worker that fails ends the others (the launcher stops the group) and the run is recorded by rank 0 as
-`failed` or `interrupted`; the one line names the rank. `torchrun --nproc-per-node=N -m runner ...` starts the same
+`failed` or `interrupted`; the one line names the rank. Ctrl-C or SIGTERM to the job reaches every worker (the
+launcher passes it on); rank 0 records the run as `interrupted` and the same command resumes it. `torchrun --nproc-per-node=N -m runner ...` starts the same
 ranks from outside instead.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
 from runner.config import ConfigError
+from runner.signals import Interrupted, install
 
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
 
@@ -25,6 +28,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's j
 def launch(cfg, run_dir, devices: int, device: torch.device) -> dict:
     """Run `cfg` over `devices` processes; rank 0's summary."""
     from omegaconf import OmegaConf
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -40,17 +44,39 @@ def launch(cfg, run_dir, devices: int, device: torch.device) -> dict:
     logging.getLogger(__name__).info("training on %d processes (%s)", devices, device.type)
     try:
         results = elastic_launch(config, worker)(container, str(run_dir))
+    except SignalException as e:  # Ctrl-C or SIGTERM here: the launcher passed it on to the workers and waited
+        raise Interrupted("SIGTERM") if e.sigval == signal.SIGTERM else KeyboardInterrupt() from None
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
+        # the root cause: a worker killed by a signal (kill -9, the OOM killer) before one whose collective broke
+        killed = [(r, f) for r, f in e.failures.items() if f.exitcode is not None and f.exitcode < 0]
+        rank, failure = min(killed, key=lambda item: item[0]) if killed else e.get_first_failure()
         message = _failure_line(failure)
         if message.startswith("RunBusy"):
             raise RunBusy(message.split(":", 1)[-1].strip()) from None
-        raise RunFailed(Path(run_dir), RankFailed(f"rank {rank} of {devices}: {message}")) from None
+        error = RankFailed(f"rank {rank} of {devices}: {message}")
+        raise RunFailed(Path(run_dir), error, _record_failure(cfg, Path(run_dir), error)) from None
+    finally:
+        install()  # the launcher put its own SIGINT/SIGTERM handlers in place: ours again
     return results[0]
 
 
 class RankFailed(RuntimeError):
     """A worker process of a many-device run ended with an error (or a signal)."""
+
+
+def _record_failure(cfg, run_dir: Path, error: Exception) -> OSError | None:
+    """A failed record, unless rank 0 wrote one (`failed`, or `interrupted` when the launcher stopped it after
+    another rank died): when rank 0 itself was killed, nobody else did. Returns what kept it from disk, if any."""
+    from runner.rundir import RunDir
+    from runner.run import _write_failure
+    from runner.signature import signature
+    from runner.spec import validate
+
+    record = RunDir(run_dir, create=False)
+    if not run_dir.is_dir() or (record.read_summary() or {}).get("status") in ("failed", "interrupted"):
+        return None
+    spec = validate(cfg)
+    return _write_failure(record, spec, signature(spec.resolved), error)
 
 
 def _failure_line(failure) -> str:

@@ -136,12 +136,26 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if spec.trainer.devices > cluster.world:  # not in a process group yet: one process per device, each runs this
         from runner.launch import launch
 
-        return launch(cfg, run_dir, spec.trainer.devices, device)
+        done = _finished(spec, Path(run_dir))
+        return done if done is not None else launch(cfg, run_dir, spec.trainer.devices, device)
     if not cluster.is_main:
         return _follow(spec, device, cluster, Path(run_dir))
     decided = Decision(cluster)  # rank 0 tells the other ranks what it found (skip, busy, train)
     with decided:
         return _run_main(spec, device, cluster, Path(run_dir), decided)
+
+
+def _finished(spec, run_dir: Path) -> dict | None:
+    """The summary of this run when its folder says it is done and nothing is asked of it (no processes to start)."""
+    if not run_dir.is_dir():
+        return None
+    record = RunDir(run_dir, create=False)
+    check_owner(record, signature(spec.resolved), spec.seed)
+    previous = record.read_summary()
+    if previous is not None and previous.get("status") in ("completed", "diverged") and (
+            spec.analysis is None or previous["status"] != "completed"):
+        return {**previous, "skipped": True}
+    return None
 
 
 def join_cluster(cfg: DictConfig):

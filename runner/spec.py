@@ -84,7 +84,9 @@ def check_devices(trainer, choices: dict) -> None:
         raise ConfigError("dataset.batch_size", message=(
             f"dataset.batch_size={batch} does not split over trainer.devices={trainer.devices}: the global batch is "
             f"split evenly over the devices; use a multiple of {trainer.devices}"))
-    if trainer.sync_bn and trainer.device == "cpu":
+    import torch
+
+    if trainer.sync_bn and (trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())):
         raise ConfigError("trainer.sync_bn", message="trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm runs on "
                                                      "GPUs only); leave it false on the CPU")
     from runner.optim import capabilities

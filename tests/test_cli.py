@@ -312,6 +312,16 @@ def bad_inputs(tmp_path_factory):
                                  ["trainer.resume", "in sweep job"]),
         "sweep-resume-other-model": (["-m", "model=cnn", f"trainer.resume={mlp_checkpoint}", "seed=0,1"],
                                      ["does not match", "in sweep job"]),
+        # many devices: refused before any process starts
+        "devices-zero": (["trainer.devices=0"], ["trainer.devices", "0"]),
+        "devices-batch-indivisible": (["trainer.devices=2", "dataset.batch_size=63"],
+                                      ["dataset.batch_size=63", "trainer.devices=2", "multiple of 2"]),
+        "devices-esam-global": (["trainer.devices=2", "optimizer=esam", "optimizer.perturbation_sync=global"],
+                                ["optimizer.perturbation_sync", "esam", "perturbation_sync=local"]),
+        "devices-sync-bn-cpu": (["trainer.devices=2", "trainer.sync_bn=true", "trainer.device=cpu"],
+                                ["trainer.sync_bn", "CUDA"]),
+        "perturbation-sync-typo": (["optimizer=sam", "optimizer.perturbation_sync=globl"],
+                                   ["optimizer.perturbation_sync", "globl"]),
     }
     environments = {"wandb-online-without-key": {"WANDB_MODE": "online", "HOME": str(shared / "home"),
                                                  "NETRC": str(shared / "no.netrc")}}
@@ -338,7 +348,9 @@ BAD = ["unknown-option", "unknown-experiment", "negative-lr", "negative-rho", "z
        "typo-key-sam", "unknown-top-level-key", "existing-run-dir", "warmup-inf", "milestones-inf",
        "seed-2-to-the-32", "cuda-negative", "val-size-inf", "epochs-1e21", "steps-1e21", "mnist-empty-files",
        "checkpoint-format-only", "resume-nothing-left", "wandb-online-without-key", "slurm-not-found",
-       "sweep-cifar-missing", "sweep-cuda-missing", "sweep-resume-garbage", "sweep-resume-other-model"]
+       "sweep-cifar-missing", "sweep-cuda-missing", "sweep-resume-garbage", "sweep-resume-other-model",
+       "devices-zero", "devices-batch-indivisible", "devices-esam-global", "devices-sync-bn-cpu",
+       "perturbation-sync-typo"]
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, needles) -> str:

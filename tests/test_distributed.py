@@ -3,8 +3,8 @@
 The oracles, in float64 on the CPU (2 processes, gloo), through the real loop (`build` + `train`: sharded batches,
 DistributedDataParallel, sharded evaluation, reduced train sums):
 - every optimizer of conf/optimizer with `perturbation_sync=global` (plain optimizers: their only pass) equals the
-  single-process run with the global batch, every parameter after two epochs of digits in batches of 478 (the last
-  batch of each epoch, 3 samples, splits 2/1: the weighting of uneven parts is checked too);
+  single-process run with the global batch, every parameter after an epoch of digits in batches of 478 (the last
+  batch, 3 samples, splits 2/1: the weighting of uneven parts is checked too);
 - SAM with `perturbation_sync=local` equals single-process SAM with m-sharpness m = batch / 2 (Foret et al.'s
   definition of SAM over accelerators);
 - every method of the SAM family with `perturbation_sync=local`, when both processes are given the whole batch,
@@ -15,8 +15,11 @@ DistributedDataParallel, sharded evaluation, reduced train sums):
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -27,8 +30,8 @@ from tiny import Collect
 
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
 BASE = ["trainer.dtype=float64", "trainer.progress=false", "logger=none", "trainer.device=cpu"]
-EPOCH = ["trainer.epochs=2", "dataset.batch_size=478"]  # 4 steps an epoch: 3 x 478 digits, then 3 (split 2/1)
-BATCHES = ["trainer.steps=20", "trainer.epochs=1"]  # 20 whole batches of 64: 32 per process
+EPOCH = ["trainer.epochs=1", "dataset.batch_size=478"]  # 4 steps: 3 x 478 digits, then 3 (split 2/1)
+BATCHES = ["trainer.steps=10", "trainer.epochs=1"]  # 10 whole batches of 64: 32 per process
 
 
 def cases(names: list[str], same_data: bool = True) -> dict[str, dict]:
@@ -44,8 +47,10 @@ def cases(names: list[str], same_data: bool = True) -> dict[str, dict]:
         if engine and same_data:
             out[f"{name}-local-same-data"] = {"ranks": [f"optimizer={name}", *BATCHES, *two],
                                               "oracle": [f"optimizer={name}", *BATCHES], "same_data": True}
-    out["sam-local"] = {"ranks": ["optimizer=sam", "optimizer.perturbation_sync=local", *BATCHES, *two],
-                        "oracle": ["optimizer=sam", "optimizer.m=32", *BATCHES], "same_data": False}
+    out["sam-local"] = {"ranks": ["optimizer=sam", "optimizer.perturbation_sync=local", "trainer.steps=20",
+                                  "trainer.epochs=1", *two],
+                        "oracle": ["optimizer=sam", "optimizer.m=32", "trainer.steps=20", "trainer.epochs=1"],
+                        "same_data": False}
     return out
 
 
@@ -163,3 +168,138 @@ def test_two_processes_train_what_one_process_trains_with_the_global_batch(quick
 def test_every_optimizer_under_two_processes_equals_its_single_process_definition(tmp_path):
     chosen = cases(OPTIMIZERS)
     check(chosen, two_ranks(chosen, tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ from the CLI
+CLI = ["trainer.dtype=float64", "trainer.epochs=2", "trainer.progress=false", "dataset.batch_size=478"]
+
+
+def final(run_dir) -> tuple[dict, dict, list]:
+    """summary.json, the last checkpoint's weights and metrics.jsonl's records (without timings) of a run folder."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    weights = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    records = [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, weights, records
+
+
+def same_run(a, b) -> None:
+    (sa, wa, ra), (sb, wb, rb) = final(a), final(b)
+    assert sa["status"] == sb["status"] == "completed"
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa if wa[k].is_floating_point())
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == y[key] or math.isclose(x[key], y[key], rel_tol=2e-6), (key, x[key], y[key])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One run with trainer.devices=2 (the elastic launcher from inside the job) and its 1-process twin."""
+    from conftest import runner_process
+
+    tmp = tmp_path_factory.mktemp("launched")
+    two = runner_process(tmp, *CLI, "trainer.devices=2", f"hydra.run.dir={tmp / 'two'}", timeout=600)
+    one = runner_process(tmp, *CLI, f"hydra.run.dir={tmp / 'one'}", timeout=600)
+    again = runner_process(tmp, *CLI, "trainer.devices=2", f"hydra.run.dir={tmp / 'two'}", timeout=600)
+    return tmp, two, one, again
+
+
+def test_trainer_devices_2_from_the_cli_records_the_single_process_run(launched):
+    tmp, two, one, again = launched
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-3000:] + one.stderr[-3000:]
+    assert two.stderr.strip().splitlines()[-1].startswith("completed: test/acc=")
+    same_run(tmp / "two", tmp / "one")
+    summary = final(tmp / "two")[0]
+    assert summary["signature"] != final(tmp / "one")[0]["signature"]  # devices is part of the run's identity
+    log = (tmp / "two" / "runner.log").read_text()
+    assert log.count("step 4 epoch 1 ") == 1 and "training on 2 processes (cpu)" in log  # rank 0 alone writes
+    # the same command again: already done, found before any process starts
+    assert again.returncode == 0 and again.stderr.strip().splitlines()[-1].startswith("already completed")
+    assert "training on 2 processes" not in again.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_run_in_the_same_folder_as_trainer_devices(launched, tmp_path):
+    """`torchrun --standalone --nproc-per-node=2 -m runner ...`: rank 0's Hydra makes the folder, `trainer.devices=2`
+    is added to the config (the run's identity), and the numbers are the single-process ones."""
+    from conftest import cli_env
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "runner", *CLI, "logger=none", f"hydra.run.dir={tmp_path / 'torchrun'}"],
+                         cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tmp = launched[0]
+    same_run(tmp_path / "torchrun", tmp / "one")
+    assert final(tmp_path / "torchrun")[0]["signature"] == final(tmp / "two")[0]["signature"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torchrun"]  # the other rank left no folder here
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_device_runs_completes_and_the_report_reads_it(tmp_path):
+    from conftest import runner_process
+
+    out = runner_process(tmp_path, "-m", *CLI, "trainer.devices=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
+                         timeout=900)
+    assert out.returncode == 0 and out.stderr.strip().splitlines()[-1] == "sweep: 2 completed", out.stderr[-3000:]
+    report = subprocess.run([sys.executable, "-m", "runner.report", str(tmp_path / "s")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "n=2" in report.stdout or "2 seeds" in report.stdout or " 2 " in report.stdout, report.stdout
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of worker `rank` of a run started as `parent`: the launcher's multiprocessing children (not its
+    resource tracker) in start order, which is rank order (pids grow; the launcher starts local ranks 0..N-1 in turn).
+    (Their RANK is set inside the child, after exec: /proc/<pid>/environ does not show it.)"""
+    from pathlib import Path
+
+    workers = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            workers.append(int(proc.name))
+    workers.sort()
+    return workers[rank] if rank < len(workers) else None
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+    import time
+
+    from conftest import cli_env, runner_cmd, runner_process
+
+    args = ["model=cnn", "model.width=4", "trainer.epochs=30", "trainer.deterministic=true", "trainer.devices=2",
+            "trainer.progress=false", "dataset.batch_size=64"]
+    twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}", timeout=900)
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(runner_cmd(*args, f"hydra.run.dir={run_dir}"), cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
+        time.sleep(0.2)
+    pid = _rank_pid(proc.pid, 1)
+    assert pid is not None, "no rank 1 process found"
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    line = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "rank 1 of 2" in line and "SIGKILL" in line, stderr[-3000:]
+    assert "Traceback" not in line
+    recorded = json.loads((run_dir / "summary.json").read_text())  # rank 0, stopped by the launcher, recorded it
+    assert recorded["status"] in ("interrupted", "failed"), recorded
+    rerun = runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed, expected = final(run_dir), final(tmp_path / "twin")
+    assert resumed[0]["resumed_from_epoch"] >= 1
+    assert resumed[0]["final"] == expected[0]["final"]
+    assert all(torch.equal(resumed[1][k], expected[1][k]) for k in expected[1])
+    assert resumed[2] == expected[2]

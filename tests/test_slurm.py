@@ -174,3 +174,25 @@ def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_resu
         a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
         b = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_two_task_job_trains_what_trainer_devices_2_trains_here(tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: each SLURM task is a rank (torch's env:// variables from SLURM's, by
+    submitit's helper), `trainer.devices=2` is added (the run's identity), and the run equals the local 2-process
+    one (float64; gloo on this CPU node)."""
+    args = ("trainer.dtype=float64", "trainer.epochs=2", "dataset.batch_size=478")
+    out = runner(tmp_path, "hydra.launcher.tasks_per_node=2", *args)
+    assert out.returncode == 0 and last_line(out.stderr) == "sweep: 1 completed", out.stderr[-3000:]
+    (run_dir,) = runs(tmp_path / "multirun" / "default")
+    local = subprocess.run([sys.executable, "-m", "runner", "trainer.devices=2", *args, "logger=none",
+                            "trainer.progress=false", f"hydra.run.dir={tmp_path / 'local'}"], cwd=tmp_path,
+                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+    ours, theirs = summary(run_dir), summary(tmp_path / "local")
+    assert ours["status"] == "completed" and ours["signature"] == theirs["signature"]
+    for key, value in theirs["final"].items():
+        assert abs(ours["final"][key] - value) <= 2e-6 * abs(value) + 1e-12, (key, ours["final"][key], value)
+    a = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "local" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a if a[k].is_floating_point())
+    assert (run_dir / "runner.log").read_text().count("step 4 epoch 1 ") == 1  # rank 0 alone writes the log
