@@ -156,6 +156,14 @@ class Cluster:
         dist.broadcast_object_list(box, 0)
         return box[0]
 
+    def gather(self, obj: object) -> list:
+        """Every rank's picklable `obj`, in rank order, on every rank ([obj] on one process)."""
+        if not self.distributed:
+            return [obj]
+        box = [None] * self.world
+        dist.all_gather_object(box, obj)
+        return box
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ class Experiment:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     capabilities: Capabilities
     cluster: Cluster = SINGLE  # the process group (runner/cluster.py); one process: SINGLE
+    rank_rngs: Optional[list] = None  # many processes: every rank's RNG states at the last checkpoint (rank order)
 
     @property
     def signature(self) -> str:
@@ -59,6 +61,7 @@ class Experiment:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
                 "rng": rng_state(self.task.train.generator),
+                **({"rng_ranks": self.rank_rngs} if self.rank_rngs is not None else {}),
                 "progress": dataclasses.asdict(progress)}
 
     def load_state_dict(self, state: dict, where: str, restore_rng: bool = True) -> Progress:
@@ -83,7 +86,9 @@ class Experiment:
                 f"optimizer={self.spec.optimizer.name} ({_detail(e)}); resume it with optimizer={saved}")) from None
         self.scheduler.load_state_dict(state["scheduler"])
         if restore_rng:
-            set_rng_state(state["rng"], self.task.train.generator)
+            ranks = state.get("rng_ranks")  # a many-device checkpoint: this rank's own states, if it has them
+            own = ranks[self.cluster.rank] if ranks and len(ranks) == self.cluster.world else state["rng"]
+            set_rng_state(own, self.task.train.generator)
         fields = {f.name for f in dataclasses.fields(Progress)}
         return Progress(**{k: v for k, v in state["progress"].items() if k in fields})
 

@@ -180,6 +180,7 @@ def evaluate(model: torch.nn.Module, batches, metrics, autocast, cluster: Cluste
 
 def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callback] = ()) -> str:
     """Train from `progress` to the configured length; returns the status: "completed" or "diverged"."""
+    from runner.experiment import rng_state
     cfg, task, device, cluster = experiment.spec.trainer, experiment.task, experiment.device, experiment.cluster
     optimizer, scheduler = experiment.optimizer, experiment.scheduler
     steps_per_epoch = len(task.train)
@@ -223,6 +224,8 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
         total = cluster.sum_([s.clone() for s in sums]) if seen else []
         progress.pending = {"sums": [s.tolist() for s in total], "seen": seen} if seen else {}
         cluster.broadcast_buffers(experiment.model)  # rank 0's BN statistics are the ones saved
+        if cluster.distributed:  # every rank's RNG states (dropout draws differ between ranks): resumed exactly
+            experiment.rank_rngs = cluster.gather(rng_state(task.train.generator))
         sink.checkpoint()
         progress.pending = {}
 

@@ -277,7 +277,8 @@ def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_u
 
     from conftest import cli_env, runner_cmd, runner_process
 
-    args = ["model=cnn", "model.width=4", "trainer.epochs=30", "trainer.deterministic=true", "trainer.devices=2",
+    args = ["model=cnn", "model.width=4", "model.dropout=0.2", "trainer.epochs=30", "trainer.deterministic=true",
+            "trainer.devices=2",
             "trainer.progress=false", "dataset.batch_size=64"]
     twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}", timeout=900)
     assert twin.returncode == 0, twin.stderr[-3000:]
