@@ -206,6 +206,7 @@ def launched(tmp_path_factory):
     return tmp, two, one, again
 
 
+@pytest.mark.slow  # the quick tier has the in-process 2-rank equivalence above (cluster, DDP, sharding, the loop)
 def test_trainer_devices_2_from_the_cli_records_the_single_process_run(launched):
     tmp, two, one, again = launched
     assert two.returncode == 0 and one.returncode == 0, two.stderr[-3000:] + one.stderr[-3000:]
