@@ -74,9 +74,10 @@ class Spec:
 
 
 def check_devices(trainer, choices: dict) -> None:
-    """Many devices (`trainer.devices` > 1, runner/cluster.py): the global batch splits evenly over them, and a
-    method defined per device only (`per_device`, e.g. ESAM's per-sample selection) is not asked for its global
-    form."""
+    """Many devices (`trainer.devices` > 1, runner/cluster.py): the global batch splits evenly over them, a method
+    that keeps state per training sample (`sample_indices`: SAF, MESA, ALDR-KL) is refused (each device would see
+    only its own samples' state), and a method defined per device only (`per_device`, e.g. ESAM's per-sample
+    selection) is not asked for its global form."""
     if trainer.devices <= 1:
         return
     batch = getattr(choices["dataset"].params, "batch_size", None)
@@ -92,6 +93,12 @@ def check_devices(trainer, choices: dict) -> None:
     from runner.optim import capabilities
 
     optimizer = choices["optimizer"]
+    for group, keeps in (("optimizer", capabilities(optimizer).sample_indices),
+                         ("loss", choices["loss"].entry.capabilities.get("sample_indices", False))):
+        if keeps:  # SAF's and MESA's per-sample epochs and outputs, ALDR-KL's per-sample lambdas
+            raise ConfigError("trainer.devices", message=(
+                f"{group}={choices[group].name} keeps state for each training sample, which each device would keep "
+                f"for its own samples only (not synchronized across devices yet): use trainer.devices=1"))
     why = capabilities(optimizer).per_device
     if why and getattr(optimizer.params, "perturbation_sync", None) == "global":
         raise ConfigError("optimizer.perturbation_sync", message=(

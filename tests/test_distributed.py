@@ -10,7 +10,8 @@ DistributedDataParallel, sharded evaluation, reduced train sums):
 - every method of the SAM family with `perturbation_sync=local`, when both processes are given the whole batch,
   equals the single-process method on it (the per-device form is the method itself on each device's samples:
   no state, random draw or reduction may differ between the ranks);
-- a method with no global form (`per_device`: ESAM's selection, TRAM's input noise) is refused in one line;
+- a method with no global form (`per_device`: ESAM's selection, TRAM's input noise) is refused in one line, and
+  so is one that keeps state per training sample (SAF, MESA: not synchronized across devices yet);
 - the train and test metrics of the 2-process run are the single-process ones.
 """
 from __future__ import annotations
@@ -145,6 +146,11 @@ def check(chosen: dict, got: dict) -> None:
     for case, run in chosen.items():
         name = case.split("-")[0]
         spec_params = REGISTRY.validate({"name": name}, prefix="optimizer")
+        if capabilities(spec_params).sample_indices:  # per-sample state (SAF, MESA): refused on many devices
+            error = got[case].get("error", "")
+            if not (error.startswith("ConfigError") and "trainer.devices=1" in error and "\n" not in error):
+                bad.append(f"{case}: not refused in one line: {error or 'it ran'}")
+            continue
         if case.endswith("-global") and capabilities(spec_params).per_device:  # no global form: refused, one line
             error = got[case].get("error", "")
             if not (error.startswith("ConfigError") and "perturbation_sync=local" in error and "\n" not in error):
