@@ -47,7 +47,7 @@ class Cluster:
 
     # ------------------------------------------------------------------------------------------- set-up
     @classmethod
-    def from_env(cls, device_type: str, timeout_s: float = 600) -> "Cluster":
+    def from_env(cls, device_type: str, timeout_s: float = 1800) -> "Cluster":
         """The process group of torchrun's / torch's elastic launcher's / SLURM's environment (WORLD_SIZE, RANK,
         LOCAL_RANK, MASTER_ADDR, MASTER_PORT), joined once per process; `SINGLE` without one."""
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -23,6 +23,8 @@ import socket
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -311,3 +313,33 @@ def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_u
     assert resumed[0]["final"] == expected[0]["final"]
     assert all(torch.equal(resumed[1][k], expected[1][k]) for k in expected[1])
     assert resumed[2] == expected[2]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_job_reaches_every_rank_is_recorded_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to `python -m runner trainer.devices=2` (what `kill`, `timeout` and SLURM send): torch's launcher passes
+    it on to the workers, rank 0 records the run `interrupted`, the job says so in one line and exits 143, and no
+    worker is left behind; the same command resumes it."""
+    import signal
+    import time
+
+    from conftest import cli_env, runner_cmd, runner_process
+
+    args = ["model=cnn", "model.width=4", "trainer.epochs=40", "trainer.devices=2", "trainer.progress=false"]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(runner_cmd(*args, f"hydra.run.dir={run_dir}"), cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
+        time.sleep(0.2)
+    workers = [_rank_pid(proc.pid, rank) for rank in (0, 1)]
+    assert None not in workers, "the workers were not found"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    line = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 143 and line.startswith("interrupted (SIGTERM)") and "resumes" in line, stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no rank left running
+    rerun = runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=900)
+    assert rerun.returncode == 0 and rerun.stderr.strip().splitlines()[-1].startswith("completed"), rerun.stderr[-2000:]
+    assert final(run_dir)[0]["resumed_from_epoch"] >= 1

@@ -120,7 +120,7 @@ def test_scancel_of_one_task_is_recorded_and_tallied(tmp_path):
     assert "CANCELLED" in cancelled[0]["error"]
 
 
-EPOCHS = "trainer.epochs=250"  # ~30 s of training at idle: the time limit (1 min) still cuts it (delay below)
+EPOCHS = "trainer.epochs=500"  # ~60 s of training at idle: longer than the time limit (1 min) on any machine
 
 
 def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_result(tmp_path):
@@ -142,9 +142,10 @@ def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_resu
     training_s = summary(reference)["wall_s"]
     start_up_s = time.monotonic() - started - training_s  # imports, build, final records: measured, not assumed
     # USR2 at 60 s - delay: twice the twin's start-up (a SLURM job starts slower: submitit, two jobs at once; before
-    # its first checkpoint a requeue would start it over), then half the twin's training (a job as fast as the twin
-    # is still training then)
-    delay = max(5, int(60 - 2 * start_up_s - 0.5 * training_s))
+    # its first checkpoint a requeue would start it over), then half the twin's training, but at 50 s at the latest:
+    # the training outlasts the 1-minute limit even on an idle machine, so the job is always still training then
+    # (the twin may have been measured on a busier machine than the job runs on)
+    delay = max(10, int(60 - min(50.0, 2 * start_up_s + 0.5 * training_s)))
     p = runner(preempted, EPOCHS, *args, wait=False)
     t = runner(timed, EPOCHS, "hydra.launcher.timeout_min=1", f"hydra.launcher.signal_delay_s={delay}",
                *args, wait=False)
