@@ -279,24 +279,32 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return workers[rank] if rank < len(workers) else None
 
 
-@pytest.mark.slow
-def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_uninterrupted_result(tmp_path):
-    import signal
+def started_until_checkpoint(tmp_path, args: list[str], run_dir) -> subprocess.Popen:
+    """`python -m runner *args` started in the background, returned once its first checkpoint is written."""
     import time
 
-    from conftest import cli_env, runner_cmd, runner_process
+    from conftest import cli_env, runner_cmd
 
-    args = ["model=cnn", "model.width=4", "model.dropout=0.2", "trainer.epochs=30", "trainer.deterministic=true",
-            "trainer.devices=2",
-            "trainer.progress=false", "dataset.batch_size=64"]
-    twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}", timeout=900)
-    assert twin.returncode == 0, twin.stderr[-3000:]
-    run_dir = tmp_path / "killed"
     proc = subprocess.Popen(runner_cmd(*args, f"hydra.run.dir={run_dir}"), cwd=tmp_path, env=cli_env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
         time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+
+    from conftest import runner_process
+
+    args = ["model=cnn", "model.width=4", "model.dropout=0.2", "trainer.epochs=30", "trainer.deterministic=true",
+            "trainer.devices=2", "trainer.progress=false", "dataset.batch_size=64"]
+    twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}", timeout=900)
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    proc = started_until_checkpoint(tmp_path, args, run_dir)
     pid = _rank_pid(proc.pid, 1)
     assert pid is not None, "no rank 1 process found"
     os.kill(pid, signal.SIGKILL)
@@ -321,17 +329,12 @@ def test_sigterm_to_the_job_reaches_every_rank_is_recorded_and_the_rerun_resumes
     it on to the workers, rank 0 records the run `interrupted`, the job says so in one line and exits 143, and no
     worker is left behind; the same command resumes it."""
     import signal
-    import time
 
-    from conftest import cli_env, runner_cmd, runner_process
+    from conftest import runner_process
 
     args = ["model=cnn", "model.width=4", "trainer.epochs=40", "trainer.devices=2", "trainer.progress=false"]
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(runner_cmd(*args, f"hydra.run.dir={run_dir}"), cwd=tmp_path, env=cli_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (run_dir / "checkpoints" / "last.pt").exists():
-        time.sleep(0.2)
+    proc = started_until_checkpoint(tmp_path, args, run_dir)
     workers = [_rank_pid(proc.pid, rank) for rank in (0, 1)]
     assert None not in workers, "the workers were not found"
     proc.send_signal(signal.SIGTERM)
