@@ -39,6 +39,10 @@ Conventions, paper vs the released code (dydjw9/Efficient_SAM, utils/Esam.py), a
 - Weight decay: the engine's flag (in the base optimizer by default, as the code's SGD(weight_decay=...)).
   With `weight_decay_in_loss`, g and the second-pass gradient include wd·w; the ranking is unaffected.
 ESAM needs the loop's closure (per-sample losses, `select=`); a plain torch closure is refused with a message.
+Many devices (`trainer.devices`): `perturbation_sync=local` is ESAM on each device's own samples (its own top-k);
+with gamma < 1 there is no `global` form (the single-device selection is a top-k over the global batch, which
+would gather every per-sample loss and weight each device's selected gradient by its count): refused in one line.
+SWP's masks are drawn from a seed and the step number, the same on every rank.
 """
 from __future__ import annotations
 

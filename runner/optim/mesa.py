@@ -28,6 +28,8 @@ Conventions (the released code, which builds the teacher with timm's ModelEmaV2,
 The teacher forward needs the model: the runner's loop closure (`closure.model`, `closure.forward`) and
 sample indices (registered with `sample_indices=True`). With a plain torch closure the step is the base
 optimizer's, with a warning.
+Many devices: refused with `trainer.devices` > 1 (runner/spec.py), as SAF: the per-sample epoch counters would be
+counted on each device for its own samples only.
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ Conventions and how ours differs from the references:
   not by subtracting the noise again;
 - sigma is per parameter group (it lives in the param groups), `draws`, `lam`, `scale` are global. A constant
   sigma (no growing schedule as in LPF-SGD).
+Many devices (`trainer.devices`): the weight noise is the same on every rank (its generator is seeded from the run's
+seed and the step number), so `global` is single-device RWP with the global batch (tests/test_distributed.py).
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ Ours differs from the code in one more way: the memory is sized lazily, from the
 batch; it is a tensor in `state_dict`, so a resumed run continues with it (the code loses it on resume).
 Without sample indices (a plain torch closure, e.g. a unit test) there is no memory: the step is the base
 optimizer's, with a warning. The loop passes them: the optimizer is registered with `sample_indices=True`.
+Many devices: refused with `trainer.devices` > 1 (runner/spec.py): each device would update the memory of its own
+samples only, and which device sees a sample changes every epoch.
 """
 from __future__ import annotations
 

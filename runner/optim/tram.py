@@ -35,6 +35,10 @@ Conventions, and how this differs from the released code (tomsherborne/tram_opti
 - T = |w| on every parameter, no eta (the paper's Eq. 2; davda54's ASAM convention). No m-sharpness: d is a
   statistic of the whole batch (the released code ignores m-sharpness too).
 - A skipped (non-finite) step leaves the weights unchanged, so with `previous` the next step's d is 0.
+Many devices (`trainer.devices`): under `perturbation_sync=global` d is the global batch's (the ranks' batch means
+of the KL, weighted by their shares: `batch_mean`), so the step is single-device TRAM with the global batch; under
+`local` each device uses its own d. `reference=noise` has no global form (each device draws the noise for its own
+samples): refused in one line.
 """
 from __future__ import annotations
 
