@@ -164,10 +164,6 @@ class Cluster:
         dist.all_gather_object(box, obj)
         return box
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 SINGLE = Cluster()
 

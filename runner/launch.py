@@ -81,7 +81,10 @@ def _record_failure(cfg, run_dir: Path, error: Exception) -> OSError | None:
 
 def _failure_line(failure) -> str:
     """The telling line of a worker's failure: its exception's last line, or how it ended (a signal)."""
-    message = failure.message if isinstance(failure.message, str) else str(failure.message)
+    message = failure.message
+    if isinstance(message, dict):  # the worker's error file: {"message": "<Type>: <text>", "extraInfo": {...}}
+        message = message.get("message", "")
+    message = str(message)
     lines = [line for line in message.strip().splitlines() if line.strip()]
     if lines and "Signal" not in lines[-1] and "exitcode" not in lines[-1]:
         return lines[-1]

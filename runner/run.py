@@ -182,7 +182,8 @@ def join_cluster(cfg: DictConfig):
 
 class Decision:
     """What rank 0 found in the run folder, sent once to the other ranks before any of them builds: ("train",),
-    ("skip", summary) or ("stop", message) (busy, or any error first: the others end too, never hang)."""
+    ("skip", summary) or ("stop", message) (busy, or any error first: the others end quietly, never hang, and rank
+    0's error is the one reported)."""
 
     def __init__(self, cluster):
         self.cluster, self.sent = cluster, False
@@ -206,8 +207,8 @@ def _follow(spec, device, cluster, run_dir: Path) -> dict:
     decision = cluster.broadcast(None)
     if decision[0] == "skip":
         return decision[1]
-    if decision[0] == "stop":
-        raise RunBusy(decision[1])
+    if decision[0] == "stop":  # rank 0 raised (busy, another run's folder, ...): its error is the run's one line
+        return {"status": "stopped", "rank": cluster.rank, "error": decision[1]}
     record = RunDir(run_dir, create=False)
     resume = load_checkpoint(spec.trainer.resume) if spec.trainer.resume else latest_checkpoint(record)
     experiment = build(spec, device, cluster)

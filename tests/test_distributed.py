@@ -346,3 +346,20 @@ def test_sigterm_to_the_job_reaches_every_rank_is_recorded_and_the_rerun_resumes
     rerun = runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=900)
     assert rerun.returncode == 0 and rerun.stderr.strip().splitlines()[-1].startswith("completed"), rerun.stderr[-2000:]
     assert final(run_dir)[0]["resumed_from_epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_the_same_run_started_twice_is_refused_in_one_line_and_its_record_is_untouched(tmp_path):
+    """A second `trainer.devices=2` job on a folder being trained: rank 0 finds the lock held; one line, exit 2, and
+    no record is written over the running one (the worker's error file is read for its message)."""
+    from conftest import runner_process
+
+    args = ["model=cnn", "model.width=4", "trainer.epochs=40", "trainer.devices=2", "trainer.progress=false"]
+    run_dir = tmp_path / "run"
+    first = started_until_checkpoint(tmp_path, args, run_dir)
+    second = runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=600)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert second.stderr.strip().splitlines()[-1] == f"error: {run_dir} is being trained by another process; skipped"
+    assert not (run_dir / "summary.json").exists()
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0 and stderr.strip().splitlines()[-1].startswith("completed"), stderr[-3000:]
