@@ -354,12 +354,18 @@ def test_the_same_run_started_twice_is_refused_in_one_line_and_its_record_is_unt
     no record is written over the running one (the worker's error file is read for its message)."""
     from conftest import runner_process
 
-    args = ["model=cnn", "model.width=4", "trainer.epochs=40", "trainer.devices=2", "trainer.progress=false"]
+    import signal
+
+    # long enough to be still training when the second job has started on any machine; stopped by SIGTERM after
+    args = ["model=cnn", "model.width=4", "trainer.epochs=5000", "trainer.devices=2", "trainer.progress=false"]
     run_dir = tmp_path / "run"
     first = started_until_checkpoint(tmp_path, args, run_dir)
     second = runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=600)
+    assert first.poll() is None, "the first job ended before the second one checked"
     assert second.returncode == 2, second.stderr[-3000:]
     assert second.stderr.strip().splitlines()[-1] == f"error: {run_dir} is being trained by another process; skipped"
     assert not (run_dir / "summary.json").exists()
+    first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=600)
-    assert first.returncode == 0 and stderr.strip().splitlines()[-1].startswith("completed"), stderr[-3000:]
+    assert first.returncode == 143 and stderr.strip().splitlines()[-1].startswith("interrupted"), stderr[-3000:]
+    assert final(run_dir)[0]["status"] == "interrupted"  # the first job's own record, written by the first job
