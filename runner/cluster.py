@@ -142,6 +142,24 @@ class Cluster:
         return value / self.world
 
     @torch.no_grad()
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `tensor` (the first dimension may differ between ranks: an uneven last batch),
+        concatenated in rank order, on every rank: the global batch's values of a per-sample quantity (SAF's stored
+        outputs, the epoch counters of SAF and MESA, ALDR-KL's lambdas), so that state kept per training sample is
+        the same on every rank. `tensor` itself on one process."""
+        if not self.distributed:
+            return tensor
+        size = torch.tensor([len(tensor)], dtype=torch.int64, device=tensor.device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        dist.all_gather(sizes, size)
+        counts = [int(n) for n in torch.cat(sizes).tolist()]
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[:len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    @torch.no_grad()
     def broadcast_buffers(self, model: torch.nn.Module) -> None:
         """Rank 0's buffers (BN running statistics) on every rank."""
         if self.distributed:

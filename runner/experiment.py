@@ -152,6 +152,8 @@ def build(spec: Spec, device: torch.device, cluster: Cluster = SINGLE) -> Experi
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sized = {"num_samples": task.train.num_samples} if loss_indices else {}
     objective = spec.loss.build(num_classes=task.num_classes, **sized).to(device)  # its buffers on the device
+    if hasattr(objective, "cluster"):  # a loss that keeps state per training sample keeps it over all ranks
+        objective.cluster = cluster
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     if hasattr(optimizer, "set_parameter_names"):  # methods whose convention depends on names (ASAM's "weight")
         optimizer.set_parameter_names({id(p): name for name, p in model.named_parameters()})

@@ -74,10 +74,11 @@ class Spec:
 
 
 def check_devices(trainer, choices: dict) -> None:
-    """Many devices (`trainer.devices` > 1, runner/cluster.py): the global batch splits evenly over them, a method
-    that keeps state per training sample (`sample_indices`: SAF, MESA, ALDR-KL) is refused (each device would see
-    only its own samples' state), and a method defined per device only (`per_device`, e.g. ESAM's per-sample
-    selection) is not asked for its global form."""
+    """Many devices (`trainer.devices` > 1, runner/cluster.py): the global batch splits evenly over them, sync_bn
+    needs CUDA, m-sharpness chunks are per device (`perturbation_sync=local`; and not with a loss that keeps state
+    per training sample, ALDR-KL, gathered at every pass), and a method defined per device only (`per_device`,
+    e.g. ESAM's per-sample selection) is not asked for its global form. State kept per training sample (SAF,
+    MESA, ALDR-KL) is gathered over the devices (`Cluster.gather_rows`)."""
     if trainer.devices <= 1:
         return
     batch = getattr(choices["dataset"].params, "batch_size", None)
@@ -93,12 +94,19 @@ def check_devices(trainer, choices: dict) -> None:
     from runner.optim import capabilities
 
     optimizer = choices["optimizer"]
-    for group, keeps in (("optimizer", capabilities(optimizer).sample_indices),
-                         ("loss", choices["loss"].entry.capabilities.get("sample_indices", False))):
-        if keeps:  # SAF's and MESA's per-sample epochs and outputs, ALDR-KL's per-sample lambdas
-            raise ConfigError("trainer.devices", message=(
-                f"{group}={choices[group].name} keeps state for each training sample, which each device would keep "
-                f"for its own samples only (not synchronized across devices yet): use trainer.devices=1"))
+    chunks = getattr(optimizer.params, "m", None)
+    sync = getattr(optimizer.params, "perturbation_sync", None)
+    if chunks is not None and sync == "global":
+        raise ConfigError("optimizer.m", message=(
+            f"optimizer.m={chunks} (m-sharpness) with optimizer.perturbation_sync=global on trainer.devices="
+            f"{trainer.devices}: global perturbs with the global batch, m-sharpness with chunks of m samples; use "
+            f"perturbation_sync=local (each device chunks its own samples) or optimizer.m=null"))
+    keeper = choices["loss"].entry.capabilities.get("sample_indices", False)
+    if chunks is not None and keeper:  # its state is gathered at every pass, and ranks may have unequal chunk counts
+        raise ConfigError("optimizer.m", message=(
+            f"optimizer.m={chunks} (m-sharpness) with loss={choices['loss'].name} on trainer.devices="
+            f"{trainer.devices}: the loss keeps state per training sample, gathered from every device at every pass, "
+            f"and the devices' last batches may split into different numbers of chunks; use optimizer.m=null"))
     why = capabilities(optimizer).per_device
     if why and getattr(optimizer.params, "perturbation_sync", None) == "global":
         raise ConfigError("optimizer.perturbation_sync", message=(

@@ -322,8 +322,10 @@ def bad_inputs(tmp_path_factory):
                                 ["trainer.sync_bn", "CUDA"]),
         "perturbation-sync-typo": (["optimizer=sam", "optimizer.perturbation_sync=globl"],
                                    ["optimizer.perturbation_sync", "globl"]),
-        "devices-per-sample-loss": (["trainer.devices=2", "loss=aldr_kl"], ["trainer.devices", "loss=aldr_kl",
-                                                                           "trainer.devices=1"]),
+        "devices-m-global": (["trainer.devices=2", "optimizer=sam", "optimizer.m=8",
+                              "optimizer.perturbation_sync=global"], ["optimizer.m=8", "perturbation_sync=local"]),
+        "devices-m-per-sample-loss": (["trainer.devices=2", "optimizer=sam", "optimizer.m=8", "loss=aldr_kl"],
+                                      ["optimizer.m=8", "loss=aldr_kl", "optimizer.m=null"]),
     }
     environments = {"wandb-online-without-key": {"WANDB_MODE": "online", "HOME": str(shared / "home"),
                                                  "NETRC": str(shared / "no.netrc")}}
@@ -352,7 +354,7 @@ BAD = ["unknown-option", "unknown-experiment", "negative-lr", "negative-rho", "z
        "checkpoint-format-only", "resume-nothing-left", "wandb-online-without-key", "slurm-not-found",
        "sweep-cifar-missing", "sweep-cuda-missing", "sweep-resume-garbage", "sweep-resume-other-model",
        "devices-zero", "devices-batch-indivisible", "devices-esam-global", "devices-sync-bn-cpu",
-       "perturbation-sync-typo", "devices-per-sample-loss"]
+       "perturbation-sync-typo", "devices-m-global", "devices-m-per-sample-loss"]
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, needles) -> str:

@@ -10,8 +10,9 @@ DistributedDataParallel, sharded evaluation, reduced train sums):
 - every method of the SAM family with `perturbation_sync=local`, when both processes are given the whole batch,
   equals the single-process method on it (the per-device form is the method itself on each device's samples:
   no state, random draw or reduction may differ between the ranks);
-- a method with no global form (`per_device`: ESAM's selection, TRAM's input noise) is refused in one line, and
-  so is one that keeps state per training sample (SAF, MESA: not synchronized across devices yet);
+- a method with no global form (`per_device`: ESAM's selection, TRAM's input noise) is refused in one line;
+- state kept per training sample (SAF's stored outputs, MESA's epoch counters, ALDR-KL's lambdas) is the one
+  process's over several epochs, although each sample is on another rank from one epoch to the next;
 - the train and test metrics of the 2-process run are the single-process ones.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONF_DIR, REPO
+from conftest import CONF_DIR, REPO, cli_env, python_m
 from tiny import Collect
 
 OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
@@ -54,7 +55,21 @@ def cases(names: list[str], same_data: bool = True) -> dict[str, dict]:
                                   "trainer.epochs=1", *two],
                         "oracle": ["optimizer=sam", "optimizer.m=32", "trainer.steps=20", "trainer.epochs=1"],
                         "same_data": False}
+    for case in set(STATE) & {f"{n}-state" for n in names}:
+        out[case] = {"ranks": [*STATE[case], *two], "oracle": STATE[case], "same_data": False}
     return out
+
+
+# state kept per training sample, over epochs (each sample is on another rank from one epoch to the next): SAF's
+# stored outputs from the start, MESA's epoch counters crossing start_epoch, ALDR-KL's lambdas under SAM's two passes
+STATE = {
+    "saf-state": ["optimizer=saf", "optimizer.perturbation_sync=global", "optimizer.start_epoch=0",
+                  "optimizer.epochs_ago=1", "trainer.epochs=3", "dataset.batch_size=478"],
+    "mesa-state": ["optimizer=mesa", "optimizer.perturbation_sync=global", "optimizer.start_epoch=1",
+                   "optimizer.decay=0.9", "trainer.epochs=3", "dataset.batch_size=478"],
+    "sam-state": ["optimizer=sam", "optimizer.perturbation_sync=global", "loss=aldr_kl", "loss.lam0=0.1",
+                  "loss.alpha=1.1", "trainer.epochs=3", "dataset.batch_size=478"],
+}
 
 
 def _is_engine(name: str) -> bool:
@@ -148,11 +163,6 @@ def check(chosen: dict, got: dict) -> None:
     for case, run in chosen.items():
         name = case.split("-")[0]
         spec_params = REGISTRY.validate({"name": name}, prefix="optimizer")
-        if capabilities(spec_params).sample_indices:  # per-sample state (SAF, MESA): refused on many devices
-            error = got[case].get("error", "")
-            if not (error.startswith("ConfigError") and "trainer.devices=1" in error and "\n" not in error):
-                bad.append(f"{case}: not refused in one line: {error or 'it ran'}")
-            continue
         if case.endswith("-global") and capabilities(spec_params).per_device:  # no global form: refused, one line
             error = got[case].get("error", "")
             if not (error.startswith("ConfigError") and "perturbation_sync=local" in error and "\n" not in error):
@@ -164,7 +174,7 @@ def check(chosen: dict, got: dict) -> None:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    chosen = cases(["sgd", "sam", "adamw", "esam"], same_data=False)
+    chosen = cases(["sgd", "sam", "adamw", "esam", "saf"], same_data=False)
     return chosen, two_ranks(chosen, tmp_path_factory.mktemp("ranks"))
 
 
@@ -252,8 +262,7 @@ def test_a_sweep_of_two_device_runs_completes_and_the_report_reads_it(tmp_path):
     out = runner_process(tmp_path, "-m", *CLI, "trainer.devices=2", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
                          timeout=900)
     assert out.returncode == 0 and out.stderr.strip().splitlines()[-1] == "sweep: 2 completed", out.stderr[-3000:]
-    report = subprocess.run([sys.executable, "-m", "runner.report", str(tmp_path / "s")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    report = python_m("runner.report", [tmp_path / "s"], cwd=tmp_path, env=cli_env(tmp_path))
     assert report.returncode == 0, report.stderr[-2000:]
     assert "n=2" in report.stdout or "2 seeds" in report.stdout or " 2 " in report.stdout, report.stdout
 

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runner.cluster import SINGLE, Cluster
 from runner.config import ConfigError, check
 from runner.losses import LOSSES
 from runner.losses import at_least_float32, reduce as _reduce
@@ -123,6 +124,8 @@ class ALDRKL(nn.Module):
     """ALDR-KL with a per-sample lambda in the buffer `lambdas` (num_samples,), saved with the checkpoint."""
 
     needs_indices = True  # the loop's closure passes `indices=` (the batch's sample indices into the train split)
+    # many devices: every rank stores the lambdas of the global batch's samples (the build sets the run's cluster)
+    cluster: Cluster = SINGLE
 
     def __init__(self, num_classes: int, num_samples: Optional[int], lam0: float = 1.0, alpha: float = 2.0,
                  margin: float = 0.1, normalize: str = "none"):
@@ -153,8 +156,8 @@ class ALDRKL(nn.Module):
                                  "keep per-sample lambdas; the runner passes it when the loss declares sample_indices")
             previous = self.lambdas[indices].to(d.dtype)
         lam = self.adapt(d.detach(), previous)
-        if indices is not None:
-            self.lambdas[indices] = lam.to(self.lambdas.dtype)
+        if indices is not None:  # every rank's samples, gathered: the lambdas are the same on every rank
+            self.lambdas[self.cluster.gather_rows(indices)] = self.cluster.gather_rows(lam).to(self.lambdas.dtype)
         losses = ldr_kl(d, lam) - self.rho / 2 * (lam - self.lam0) ** 2
         return _reduce(losses, reduction)
 

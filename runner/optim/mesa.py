@@ -28,8 +28,10 @@ Conventions (the released code, which builds the teacher with timm's ModelEmaV2,
 The teacher forward needs the model: the runner's loop closure (`closure.model`, `closure.forward`) and
 sample indices (registered with `sample_indices=True`). With a plain torch closure the step is the base
 optimizer's, with a warning.
-Many devices: refused with `trainer.devices` > 1 (runner/spec.py), as SAF: the per-sample epoch counters would be
-counted on each device for its own samples only.
+Many devices (`trainer.devices` > 1): the epoch counters are counted for the global batch on every rank (the step's
+indices gathered, `Cluster.gather_rows`), as SAF's memory; the EMA weights are the same on every rank (so are the
+weights). The teacher's BN statistics follow each rank's own model buffers, as the model's do without
+`trainer.sync_bn` (the same on every rank with it; a checkpoint keeps rank 0's).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from typing import Optional
 import torch
 
 from runner import paramspace
+from runner.cluster import SINGLE
 from runner.config import check
 from runner.optim import OPTIMIZERS, Wraps
 from runner.optim.params import LR, Betas, Momentum, Nesterov, WeightDecay
@@ -96,12 +99,14 @@ class MESA(TrajectoryLoss):
             return None
         self._model = closure.model
         teacher = self.teacher_logits(closure)
+        cluster = getattr(closure, "cluster", SINGLE)
 
         def trajectory(logits: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-            self.memory.ensure(indices)
+            everyone = cluster.gather_rows(indices)  # the global batch's samples
+            self.memory.ensure(everyone)
             active = self.memory.epochs[indices] >= self.start_epoch
             with torch.no_grad():
-                self.memory.epochs[indices] += 1
+                self.memory.epochs[everyone] += 1
             return self._weighted(trajectory_kl(teacher, logits, self.tau), active)
         return trajectory
 

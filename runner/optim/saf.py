@@ -32,8 +32,11 @@ Ours differs from the code in one more way: the memory is sized lazily, from the
 batch; it is a tensor in `state_dict`, so a resumed run continues with it (the code loses it on resume).
 Without sample indices (a plain torch closure, e.g. a unit test) there is no memory: the step is the base
 optimizer's, with a warning. The loop passes them: the optimizer is registered with `sample_indices=True`.
-Many devices: refused with `trainer.devices` > 1 (runner/spec.py): each device would update the memory of its own
-samples only, and which device sees a sample changes every epoch.
+Many devices (`trainer.devices` > 1): every rank keeps the whole memory. Each computes the term for its own
+samples, then the step's indices and outputs of all ranks are gathered (`Cluster.gather_rows`, one all-gather of
+the indices and one of the logits per step) and every rank stores all of them: the memory is the one process's
+with the global batch, whichever device sees a sample in an epoch (tested against one process in
+tests/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from runner.cluster import SINGLE, Cluster
 from runner.config import check
 from runner.optim import OPTIMIZERS, Wraps
 from runner.optim.params import LR, Betas, Momentum, Nesterov, WeightDecay
@@ -173,18 +177,22 @@ class SAF(TrajectoryLoss):
         if getattr(closure, "indices", None) is None:
             self._plain("the closure carries no sample indices (a plain torch closure)")
             return None
-        return self._trajectory
+        cluster = getattr(closure, "cluster", SINGLE)
+        return lambda logits, y, indices: self._trajectory(logits, y, indices, cluster)
 
-    def _trajectory(self, logits: torch.Tensor, y: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def _trajectory(self, logits: torch.Tensor, y: torch.Tensor, indices: torch.Tensor,
+                    cluster: Cluster = SINGLE) -> torch.Tensor:
         memory, slots = self.memory, self.memory.slots
-        memory.ensure(indices, logits.shape[-1], torch.promote_types(logits.dtype, torch.float32))
+        everyone = cluster.gather_rows(indices)  # the global batch's samples (this rank's own on one process)
+        memory.ensure(everyone, logits.shape[-1], torch.promote_types(logits.dtype, torch.float32))
         epoch = memory.epochs[indices]
         past = memory.outputs[(epoch - self.epochs_ago) % slots, indices]          # the outputs E epochs ago
         active = (epoch >= self.epochs_ago) & (epoch >= self.start_epoch)
         loss = self._weighted(trajectory_kl(past, logits, self.tau), active)
         with torch.no_grad():
-            memory.outputs[epoch % slots, indices] = logits.detach().to(memory.outputs.dtype)  # this epoch's
-            memory.epochs[indices] += 1
+            outputs = cluster.gather_rows(logits.detach().to(memory.outputs.dtype))
+            memory.outputs[memory.epochs[everyone] % slots, everyone] = outputs  # this epoch's, for every sample
+            memory.epochs[everyone] += 1
         return loss
 
 
