@@ -19,4 +19,4 @@ def image_shape(input, model: str) -> tuple[int, int]:
     return input.channels, input.size
 
 
-from runner.models import cnn, mlp, resnet, wrn  # noqa: E402,F401  (import registers the models)
+from runner.models import cnn, mlp, resnet, timm_zoo, wrn  # noqa: E402,F401  (import registers the models)
