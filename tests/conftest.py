@@ -86,9 +86,98 @@ def runner_process(tmp_path: Path, *args, cwd: Path | None = None, env: dict | N
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
     if not flags and "logger" not in keys:
         args.append("logger=none")
-    cmd = (prefix or [sys.executable, "-m", "runner"]) + args
-    return subprocess.run(cmd, cwd=str(cwd or tmp_path), env=cli_env(tmp_path, **(env or {})),
+    if prefix is None:
+        return python_m("runner", args, cwd=cwd or tmp_path, env=cli_env(tmp_path, **(env or {})), timeout=timeout)
+    return subprocess.run(prefix + args, cwd=str(cwd or tmp_path), env=cli_env(tmp_path, **(env or {})),
                           capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `python -m <module> args` through tests/forkserver.py: the same command without re-importing torch each time
+
+
+def _startup_env(env: dict) -> dict:
+    """The variables that change how an interpreter (or torch's thread pools) starts."""
+    return {k: v for k, v in env.items()
+            if k.startswith("PYTHON") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}
+
+
+class _ForkServer:
+    """One tests/forkserver.py per pytest process, started on first use, stopped at exit."""
+
+    def __init__(self):
+        import atexit
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="runner-forkserver-"))
+        self.socket = str(self.folder / "socket")
+        self.env = cli_env(self.folder)
+        self.log = open(self.folder / "server.err", "w")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py"), self.socket],
+                                     cwd=self.folder, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        ready = self.proc.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"tests/forkserver.py did not start: {(self.folder / 'server.err').read_text()[-2000:]}")
+        atexit.register(self.stop)
+
+    def usable_for(self, env: dict) -> bool:
+        return self.proc.poll() is None and _startup_env(env) == _startup_env(self.env)
+
+    def run(self, module: str, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import socket
+        import tempfile
+        import time
+
+        cmd = [sys.executable, "-m", module, *args]
+        fd, out = tempfile.mkstemp(dir=self.folder, suffix=".out")
+        os.close(fd)
+        err = out[:-4] + ".err"
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.socket)
+            conn.sendall((json.dumps({"module": module, "args": args, "cwd": str(cwd), "env": env, "stdout": out,
+                                      "stderr": err}) + "\n").encode())
+            reader = conn.makefile("r")
+            pid = json.loads(reader.readline())["pid"]
+            try:
+                conn.settimeout(max(0.1, deadline - time.monotonic()))
+                returncode = json.loads(reader.readline())["returncode"]
+            except (TimeoutError, socket.timeout):
+                os.kill(pid, signal.SIGKILL)
+                conn.settimeout(60)
+                reader.readline()
+                raise subprocess.TimeoutExpired(cmd, timeout, self._read(out), self._read(err)) from None
+        return subprocess.CompletedProcess(cmd, returncode, self._read(out), self._read(err))
+
+    @staticmethod
+    def _read(path: str) -> str:
+        text = Path(path).read_text(errors="replace")
+        os.unlink(path)
+        return text
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+_FORK_SERVER: list[_ForkServer] = []
+
+
+def python_m(module: str, args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, -m, module, *args], capture_output=True, text=True)`, forked from tests/forkserver.py
+    (imports done once) unless RUNNER_TESTS_FORK=0 or `env` changes how an interpreter starts."""
+    args = [str(a) for a in args]
+    if os.environ.get("RUNNER_TESTS_FORK", "1") != "0":
+        if not _FORK_SERVER or _FORK_SERVER[0].proc.poll() is not None:
+            _FORK_SERVER[:] = [_ForkServer()]
+        if _FORK_SERVER[0].usable_for(env):
+            return _FORK_SERVER[0].run(module, args, Path(cwd), env, timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli_env
+from tests.conftest import cli_env, python_m
 
 FAST = {  # small settings so each analysis takes well under a second on digits
     "hessian": ["analysis.hessian.iterations=6", "analysis.hessian.top_k=2", "analysis.hessian.trace_samples=4",
@@ -36,8 +35,7 @@ def fast(*names: str) -> list[str]:
 
 
 def analyze_cli(tmp_path: Path, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.analyze", *map(str, args)], cwd=tmp_path,
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    return python_m("runner.analyze", args, cwd=tmp_path, env=cli_env(tmp_path), timeout=timeout)
 
 
 def records(run: Path) -> list[dict]:
@@ -170,9 +168,8 @@ def test_post_hoc_on_a_glob_skips_what_is_done_and_the_report_has_the_column(tra
     assert again.returncode == 0 and again.stderr.count("already done") == 2
     changed = analyze_cli(tmp_path, trained["sgd"], *fast("hessian"), "analysis.hessian.seed=1")
     assert changed.returncode == 0 and "already done" not in changed.stderr
-    report = subprocess.run([sys.executable, "-m", "runner.report", str(trained["sgd"].parent), "--metric",
-                             "hessian/lambda_max"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                            text=True, timeout=300)
+    report = python_m("runner.report", [trained["sgd"].parent, "--metric", "hessian/lambda_max"], cwd=tmp_path,
+                      env=cli_env(tmp_path))
     assert report.returncode == 0, report.stderr
     assert "final_hessian/lambda_max" in report.stdout
 

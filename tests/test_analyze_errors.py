@@ -13,13 +13,12 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import cli_env, runner_process
+from tests.conftest import cli_env, python_m, runner_process
 
 pytestmark = pytest.mark.slow  # adversary regressions: CLI runs on copies of shared runs (the full suite)
 
@@ -30,8 +29,7 @@ SHARPNESS = ("analysis=sharpness", "analysis.sharpness.samples=64", "analysis.sh
 
 
 def analyze_cli(tmp_path: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.analyze", *map(str, args)], cwd=tmp_path,
-                          env=env or cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return python_m("runner.analyze", args, cwd=tmp_path, env=env or cli_env(tmp_path))
 
 
 def lines(text: str) -> list[str]:

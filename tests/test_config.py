@@ -26,10 +26,10 @@ from runner.train import TrainerConfig
 from tasks import TASKS, ImageInput
 
 try:
-    from tests.conftest import CONF_DIR, cli_env
+    from tests.conftest import CONF_DIR, cli_env, python_m
     from tests.fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from conftest import CONF_DIR, cli_env
+    from conftest import CONF_DIR, cli_env, python_m
     from fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
 
 #: The groups a job consumes (the one table in runner/spec.py); other folders of conf/ (experiment, launcher,
@@ -311,8 +311,8 @@ def test_hydra_job_name_is_runner(compose):
 
 
 def test_cfg_job_prints_the_config_and_exits_0(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "runner", "--cfg", "job", "optimizer=sam", "trainer.epochs=3"],
-                         cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    out = python_m("runner", ["--cfg", "job", "optimizer=sam", "trainer.epochs=3"], cwd=tmp_path,
+                   env=cli_env(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr
     printed = OmegaConf.create(out.stdout)
     assert printed.optimizer.name == "sam" and printed.trainer.epochs == 3 and printed.dataset.name == "digits"

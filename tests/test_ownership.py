@@ -16,16 +16,15 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 try:
-    from tests.conftest import cli_env, runner_process
+    from tests.conftest import cli_env, python_m, runner_process
 except ImportError:
-    from conftest import cli_env, runner_process
+    from conftest import cli_env, python_m, runner_process
 
 pytestmark = pytest.mark.slow  # adversary regressions: CLI runs on copies of shared runs (the full suite)
 
@@ -150,8 +149,7 @@ def test_another_runs_checkpoint_is_refused(runs, tmp_path, how):
     foreign = folder / "checkpoints" / "from_b.pt"
     shutil.copy(runs["B"] / "checkpoints" / "last.pt", foreign)
     target = [folder, f"analysis.checkpoint={foreign}"] if how.startswith("analysis") else [foreign]
-    out = subprocess.run([sys.executable, "-m", "runner.analyze", *map(str, target), *SHARPNESS], cwd=tmp_path,
-                         env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    out = python_m("runner.analyze", [*target, *SHARPNESS], cwd=tmp_path, env=cli_env(tmp_path))
     assert out.returncode == 2, out.stderr
     (line,) = lines(out.stderr)
     assert line.startswith("error: ") and "another run's checkpoint" in line and "seed 1" in line, line

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 try:
-    from tests.conftest import cli_env
+    from tests.conftest import cli_env, python_m
 except ImportError:
-    from conftest import cli_env
+    from conftest import cli_env, python_m
 
 
 def slurm_usable() -> str:
@@ -51,7 +51,7 @@ def runner(tmp_path: Path, *args, wait: bool = True, timeout: float = 600):
     env = cli_env(tmp_path)
     if not wait:
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return python_m("runner", cmd[3:], cwd=tmp_path, env=env, timeout=timeout)
 
 
 def last_line(text: str) -> str:
@@ -96,8 +96,8 @@ def test_an_impossible_request_is_one_line_before_anything_is_submitted(tmp_path
                         (["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=4096"], "PartitionConfig"),
                         (["hydra.launcher.gpus_per_node=0", "hydra.launcher.mem_gb=100000"], "PartitionConfig"),
                         (["hydra.launcher.partition=nope"], "no partition nope")):
-        out = subprocess.run([sys.executable, "-m", "runner", "-m", "launcher=slurm", "seed=0,1", *args],
-                             cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+        out = python_m("runner", ["-m", "launcher=slurm", "seed=0,1", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                       timeout=120)
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr[-2000:]
     assert not (tmp_path / "multirun").exists()
@@ -127,21 +127,23 @@ EPOCHS = "trainer.epochs=400"  # ~50 s of training at idle: past the time-limit 
 def release_requeued(folders: dict[Path, tuple[str, ...]], stop: threading.Event) -> None:
     """SLURM holds a requeued job two minutes (Reason=BeginTime) before it may start again: a scheduler's choice,
     not the runner's; release our requeued jobs at once (`scontrol update StartTime=now`, and the folder's extra
-    settings) so the test waits only for what the runner does."""
+    settings once it has a checkpoint) so the test waits only for what the runner does."""
     while not stop.wait(0.5):
         listing = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r %Z"], capture_output=True, text=True).stdout
         for job, reason, workdir in (line.split(maxsplit=2) for line in listing.splitlines() if line.strip()):
             for folder, settings in folders.items():
                 if reason == "BeginTime" and str(folder) in workdir:
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *settings],
-                                   capture_output=True)
+                    # the settings once the job has a checkpoint to resume from (before, it starts over: again)
+                    checkpointed = any(folder.glob("multirun/default/*/seed=*/checkpoints/last.pt"))
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now",
+                                    *(settings if checkpointed else ())], capture_output=True)
 
 
 def test_preemption_and_time_limits_requeue_and_resume_to_the_uninterrupted_result(tmp_path):
     """Two jobs and their uninterrupted twin at once: one job preempted with `scancel --signal=USR2` after its first
     checkpoint, one past its time limit (1 minute, USR2 40 s before it: SLURM sends it 20 to 50 s after the start,
-    its time-limit check runs every 30 s; the job trains longer than that on any machine, so it is requeued; its
-    requeued job gets 10 minutes, one time-limit requeue is what is tested). Both resume from their checkpoints and
+    its time-limit check runs every 30 s; the job trains longer than that on any machine, so it is requeued; once it
+    has a checkpoint its requeued job gets 10 minutes: one time-limit requeue that resumes is what is tested). Both resume from their checkpoints and
     end with the metrics and weights of the twin (deterministic, one thread)."""
     args = ("trainer.deterministic=true", "model=cnn", "model.width=8")
     preempted, timed, twin = tmp_path / "preempted", tmp_path / "timed", tmp_path / "twin"
@@ -201,9 +203,8 @@ def test_a_two_task_job_trains_what_trainer_devices_2_trains_here(tmp_path):
     out = runner(tmp_path, "hydra.launcher.tasks_per_node=2", *args)
     assert out.returncode == 0 and last_line(out.stderr) == "sweep: 1 completed", out.stderr[-3000:]
     (run_dir,) = runs(tmp_path / "multirun" / "default")
-    local = subprocess.run([sys.executable, "-m", "runner", "trainer.devices=2", *args, "logger=none",
-                            "trainer.progress=false", f"hydra.run.dir={tmp_path / 'local'}"], cwd=tmp_path,
-                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    local = python_m("runner", ["trainer.devices=2", *args, "logger=none", "trainer.progress=false",
+                                f"hydra.run.dir={tmp_path / 'local'}"], cwd=tmp_path, env=cli_env(tmp_path), timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
     ours, theirs = summary(run_dir), summary(tmp_path / "local")
     assert ours["status"] == "completed" and ours["signature"] == theirs["signature"]

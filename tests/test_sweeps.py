@@ -28,17 +28,16 @@ import scipy.stats
 import torch
 
 try:
-    from tests.conftest import TIMEOUT, cli_env, runner_cmd
+    from tests.conftest import TIMEOUT, cli_env, python_m, runner_cmd
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
-    from conftest import TIMEOUT, cli_env, runner_cmd
+    from conftest import TIMEOUT, cli_env, python_m, runner_cmd
 
 
 # ------------------------------------------------------------------------------------------------- helpers
 
 def cli(tmp_path: Path, *args, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """`python -m runner *args` in tmp_path, to completion."""
-    return subprocess.run(runner_cmd(*args), cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+    return python_m("runner", runner_cmd(*args)[3:], cwd=tmp_path, env=cli_env(tmp_path), timeout=timeout)
 
 
 def ok(result, what: str = "runner") -> None:
@@ -97,9 +96,8 @@ def same_result(resumed: dict, twin: dict) -> None:
 
 def report_csv(args: list[str], tmp_path: Path) -> dict[str, dict]:
     """`python -m runner.report *args --format csv` -> rows by signature."""
-    out = subprocess.run([sys.executable, "-m", "runner.report", *args, "--format", "csv", "--no-figures",
-                          "--out", str(tmp_path / "report")], cwd=tmp_path, env=cli_env(tmp_path),
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    out = python_m("runner.report", [*args, "--format", "csv", "--no-figures", "--out", tmp_path / "report"],
+                   cwd=tmp_path, env=cli_env(tmp_path), timeout=TIMEOUT)
     ok(out, "runner.report")
     return {row["signature"]: row for row in csv.DictReader(io.StringIO(out.stdout))}
 
