@@ -54,7 +54,9 @@ ADDED_KEYS = {"trainer.steps": None, "trainer.eval_every_steps": None, "trainer.
               # the SAM engine's options (issue 9): at their defaults, a SAM run keeps its folder
               "optimizer.weight_decay_in_loss": False, "optimizer.skip_nonfinite": True, "optimizer.m": None,
               # many devices (issue 16): one device, and the engine's default, keep a run's folder
-              "trainer.devices": 1, "trainer.sync_bn": False, "optimizer.perturbation_sync": "local"}
+              "trainer.devices": 1, "trainer.sync_bn": False, "optimizer.perturbation_sync": "local",
+              # augmentations as a list (issue 17): cutout's side
+              "dataset.cutout_size": None}
 
 
 @dataclass(frozen=True)

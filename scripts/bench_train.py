@@ -230,7 +230,7 @@ class MinimalLoop:
         self.device = device
 
     def epoch(self) -> float:
-        from tasks.image_classification import crop_flip
+        from tasks.augment import crop_flip
 
         X, Y, bs, n = self.X, self.Y, self.bs, len(self.Y)
         sync(self.device)

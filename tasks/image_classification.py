@@ -3,9 +3,10 @@ synthetic, each registered in `TASKS` under the name of its `conf/dataset/<name>
 
 The raw data is loaded as uint8 tensors on the CPU, a long-tailed copy of the training split / subset /
 validation split / label noise are taken, in this order (all seeded), then every split moves to the training
-device, where batches are augmented (random crop + flip) and
-normalized per batch (`ImageTransform`). Normalization comes after augmentation, so crop padding is black (0)
-as in torchvision's `RandomCrop(32, padding=4)` followed by `Normalize`.
+device, where batches are augmented (`dataset.augment`: true for random crop + flip, or a list of crop_flip,
+autoaugment, randaugment, cutout: tasks/augment.py) and normalized per batch (`ImageTransform`). Normalization
+comes after augmentation (but before cutout), so crop padding is black (0) as in torchvision's
+`RandomCrop(32, padding=4)` followed by `Normalize`.
 
 Conventions:
 - Every dataset is stored the same way: `x` is uint8 (N, C, H, W) with values 0..255, `y` is int64 (N,).
@@ -28,14 +29,14 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 from urllib.error import URLError
 
 import torch
-import torch.nn.functional as F
 
 from runner.config import ConfigError, check
 from runner.data import DeviceBatches
+from tasks.augment import Augment, check_augment, resolve
 from tasks import PER_CLASS_MAX, TASKS, ClassificationMetrics, ImageInput, Task, long_tailed_indices, stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic")
@@ -51,8 +52,9 @@ class ImageDatasetParams:
     val_size: float = 0.0             # 0 = none; in (0, 1) a fraction of train; >= 1 a count
     subset: Optional[int] = None
     label_noise: float = 0.0
-    augment: bool = False
+    augment: Any = False              # true (crop + flip), false, or a list (tasks/augment.py)
     imbalance_ratio: Optional[float] = None  # long-tailed train split: n_max / n_min (>= 1); null = as loaded
+    cutout_size: Optional[int] = None  # side of cutout's square; null = half the image side
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -62,6 +64,7 @@ class ImageDatasetParams:
               self.val_size, "0, a fraction in (0, 1) or a whole count")
         check(self.subset is None or self.subset >= 1, "subset", self.subset, "null or >= 1")
         check(0.0 <= self.label_noise <= 1.0, "label_noise", self.label_noise, "[0, 1]")
+        check_augment(self.augment, self.cutout_size)
         check(self.imbalance_ratio is None or (math.isfinite(self.imbalance_ratio) and self.imbalance_ratio >= 1),
               "imbalance_ratio", self.imbalance_ratio, "null or a number >= 1 (n_max / n_min)")
 
@@ -264,29 +267,11 @@ def symmetric_label_noise(y: torch.Tensor, rate: float, num_classes: int, seed: 
     return noisy, flipped
 
 
-def crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding `pad` and random horizontal flip, per image, as one gather.
-
-    x: (B, C, H, W) -> (B, C, H, W) (a channels_last view: the gather produces (B, H, W, C)).
-    """
-    b, _, h, w = x.shape
-    dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad))                                      # (B, C, H+2p, W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=dev, generator=generator)
-    rows = dy + torch.arange(h, device=dev)                                      # (B, H)
-    cols = dx + torch.arange(w, device=dev)                                      # (B, W)
-    flip = torch.rand(b, 1, device=dev, generator=generator) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]                   # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
-
-
 class ImageTransform:
-    """uint8 (B, C, H, W) -> float, optionally crop (padding 4) + flip, then normalized per channel."""
+    """uint8 (B, C, H, W) -> float: the augmentations (tasks/augment.py) on uint8, normalization per channel, then
+    the ones on the normalized image (cutout)."""
 
-    def __init__(self, mean, std, device: torch.device, *, augment: bool, channels_last: bool):
+    def __init__(self, mean, std, device: torch.device, *, augment: Augment, channels_last: bool):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
         self.augment = augment
@@ -294,14 +279,18 @@ class ImageTransform:
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         if self.augment:
-            x = crop_flip(x, 4, generator)
-        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            x = self.augment.before_normalize(x, generator)
+        x = (x.float() - self.mean) / self.std
+        if self.augment:
+            x = self.augment.after_normalize(x, generator)
+        return x.contiguous(memory_format=self.memory_format)
 
 
 def build_image_task(name: str, *, seed: int, device: torch.device, channels_last: bool = False,
                      with_indices: bool = False, root: str, download: bool, batch_size: int, eval_batch_size: int,
-                     val_size: float, subset: Optional[int], label_noise: float, augment: bool,
-                     synthetic_size: int = 50000, imbalance_ratio: Optional[float] = None) -> Task:
+                     val_size: float, subset: Optional[int], label_noise: float, augment: Any,
+                     synthetic_size: int = 50000, imbalance_ratio: Optional[float] = None,
+                     cutout_size: Optional[int] = None) -> Task:
     """Load dataset `name`, take a long-tailed copy / subset / validation split / label noise of the training
     split (all seeded), move it to `device`."""
     raw = load_image_data(name, root, download, synthetic_size=synthetic_size, seed=seed)
@@ -323,11 +312,12 @@ def build_image_task(name: str, *, seed: int, device: torch.device, channels_las
     evals["test"] = raw.test
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    augmentations = Augment(resolve(augment), cutout_size)
 
     def batches(split: Split, size: int, *, train_split: bool) -> DeviceBatches:
-        transform = ImageTransform(raw.mean, raw.std, device, augment=augment and train_split,
+        transform = ImageTransform(raw.mean, raw.std, device, augment=augmentations if train_split else Augment(()),
                                    channels_last=channels_last)
-        plain = ImageTransform(raw.mean, raw.std, device, augment=False, channels_last=channels_last)
+        plain = ImageTransform(raw.mean, raw.std, device, augment=Augment(()), channels_last=channels_last)
         return DeviceBatches(split.x.to(device), split.y.to(device), size, shuffle=train_split,
                              generator=generator if train_split else None, transform=transform,
                              with_indices=with_indices and train_split, plain_transform=plain)
