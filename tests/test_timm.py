@@ -57,3 +57,30 @@ def test_a_timm_run_from_the_cli_trains_and_records(run_cli, tmp_path):
 
     saved = OmegaConf.load(tmp_path / "run" / ".hydra" / "config.yaml")
     assert saved.model.name == "timm" and saved.model.arch == "resnet18" and saved.model.pretrained is False
+
+
+@pytest.mark.slow
+def test_every_optimizer_runs_on_a_timm_vit_without_batchnorm(tmp_path):
+    """The SAM family assumes nothing about BN (their first-pass BN rule has nothing to do on a ViT): one sweep of
+    every optimizer of conf/optimizer on a timm ViT with 4x4 patches (digits' 8x8 images: 4 tokens; 2 blocks of width
+    48: timm's ViT code, small), 2 steps each."""
+    from omegaconf import OmegaConf
+
+    from conftest import CONF_DIR, runner_process
+
+    optimizers = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
+    out = tmp_path / "sweep"
+    result = runner_process(tmp_path, "-m", f"optimizer={','.join(optimizers)}", "model=timm",
+                            "model.arch=vit_tiny_patch16_224", "+model.kwargs.patch_size=4", "+model.kwargs.depth=2",
+                            "+model.kwargs.embed_dim=48", "+model.kwargs.num_heads=2", "trainer.steps=2",
+                            "trainer.epochs=1", "dataset.batch_size=32", "dataset.subset=256",
+                            f"hydra.sweep.dir={out}", "trainer.progress=false", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = {}
+    for path in out.rglob("summary.json"):
+        config = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+        summary = json.loads(path.read_text())
+        done[config.optimizer.name] = summary
+        assert summary["status"] == "completed", (config.optimizer.name, summary["error"])
+        assert all(isinstance(v, float) and v == v for k, v in summary["final"].items() if k.endswith("/loss"))
+    assert sorted(done) == optimizers
