@@ -23,7 +23,7 @@ CONF_DIR = REPO / "conf"
 # their number of tests, most first. With `-n 3 --dist loadscope --no-loadscope-reorder` (xdist's own reordering
 # sorts by test count only) the workers take modules in this order, so the long ones start at once instead of
 # ending the suite alone.
-START_FIRST = ("test_slurm.py", "test_distributed.py", "test_gpu_check.py")
+START_FIRST = ("test_slurm.py", "test_distributed.py", "test_distributed_failures.py", "test_gpu_check.py")
 
 
 def pytest_addoption(parser):
