@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from runner.data import DeviceBatches
 from runner.schedulers import SCHEDULERS, build_scheduler
 from tasks import TASKS
-from tasks.image_classification import ImageTransform, Split, crop_flip
+from tasks.augment import Augment, crop_flip, resolve
+from tasks.image_classification import ImageTransform, Split
 
 
 def image_batches(split, batch_size, mean, std, *, shuffle, augment=False, generator=None, with_indices=False):
-    transform = ImageTransform(mean, std, torch.device("cpu"), augment=augment, channels_last=False)
+    transform = ImageTransform(mean, std, torch.device("cpu"), augment=Augment(resolve(augment)), channels_last=False)
     return DeviceBatches(split.x, split.y, batch_size, shuffle=shuffle, generator=generator, transform=transform,
                          with_indices=with_indices)
 

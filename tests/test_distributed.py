@@ -269,7 +269,7 @@ def test_torchrun_runs_the_same_run_in_the_same_folder_as_trainer_devices(launch
     from conftest import cli_env
 
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "runner", *CLI, "logger=none", f"hydra.run.dir={tmp_path / 'torchrun'}"],
+                          "-m", "runner", *CLI, *ANALYSES, "logger=none", f"hydra.run.dir={tmp_path / 'torchrun'}"],
                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     tmp = launched[0]
