@@ -56,7 +56,7 @@ def test_kill_9_of_one_rank_is_one_line_naming_it_and_the_rerun_resumes_to_the_u
 
     from conftest import runner_process
 
-    args = ["model=cnn", "model.width=4", "model.dropout=0.2", "trainer.epochs=30", "trainer.deterministic=true",
+    args = ["model=cnn", "model.width=4", "model.dropout=0.2", "trainer.epochs=12", "trainer.deterministic=true",
             "trainer.devices=2", "trainer.progress=false", "dataset.batch_size=64"]
     twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}", timeout=900)
     assert twin.returncode == 0, twin.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_sigterm_to_the_job_reaches_every_rank_is_recorded_and_the_rerun_resumes
 
     from conftest import runner_process
 
-    args = ["model=cnn", "model.width=4", "trainer.epochs=40", "trainer.devices=2", "trainer.progress=false"]
+    args = ["model=cnn", "model.width=4", "trainer.epochs=15", "trainer.devices=2", "trainer.progress=false"]
     run_dir = tmp_path / "run"
     proc = started_until_checkpoint(tmp_path, args, run_dir)
     workers = [_rank_pid(proc.pid, rank) for rank in (0, 1)]
