@@ -3,7 +3,7 @@
 `model=timm model.arch=vit_small_patch16_224` builds `timm.create_model(arch, pretrained=model.pretrained,
 num_classes=<the task's>, in_chans=<the task's channels>, **model.kwargs)`; for architectures that take an
 `img_size` (ViTs, MLP-Mixers, Swin), the task's image size is handed on unless `model.kwargs` sets it (a ViT for
-32x32 CIFAR: `model.kwargs={patch_size: 4}`; conf/model/vit_cifar.yaml). timm's own initialization (its
+32x32 CIFAR: `+model.kwargs.patch_size=4` on the command line; conf/model/vit_cifar.yaml). timm's own initialization (its
 `init_weights` per architecture, e.g. ViT's truncated normal 0.02) is kept: it is what the papers that use timm ran.
 
 `model.name` chooses the runner's model entry (here `timm`) in every group, so timm's architecture is `model.arch`.
