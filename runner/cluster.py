@@ -92,12 +92,13 @@ class Cluster:
         return start, start + base + (self.rank < extra)
 
     def shard(self, batch: Batch) -> Batch:
-        """This rank's contiguous slice of a global batch."""
-        if not self.distributed:
+        """This rank's contiguous slice of a global batch (a streamed source's batch is one already: its
+        `global_size` is set, runner/stream.py)."""
+        if not self.distributed or batch.global_size is not None:
             return batch
         start, end = self.bounds(len(batch.y))
         return Batch(batch.x[start:end], batch.y[start:end],
-                     None if batch.index is None else batch.index[start:end])
+                     None if batch.index is None else batch.index[start:end], len(batch.y))
 
     def weight(self, local: int, total: int) -> float:
         """The factor of this rank's batch-mean loss so that the mean over ranks is the global batch's mean."""

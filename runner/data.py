@@ -1,8 +1,16 @@
-"""Device-resident batching, shared by every task.
+"""Batch sources, shared by every task: device-resident splits (`DeviceBatches`, here) and splits streamed from
+storage by worker processes (`StreamedBatches`, runner/stream.py), behind one contract the loop, the closure, the
+evaluation and the analyses use:
+- iterating gives `Batch(x, y, index)`; `epoch(n, first)` gives epoch n's batches from its `first`-th on (a run
+  resumed from a checkpoint taken mid-epoch); `len()` is the number of batches of an epoch;
+- `num_samples`, `device`, `generator` (the device generator the source's on-device randomness draws from: its
+  state is checkpointed), `plain_inputs(index)` (fixed samples without augmentation, for the analyses);
+- `state_dict()` / `load_state_dict()`: what a checkpoint taken mid-epoch needs besides the generator.
 
-A whole split lives on the training device (CIFAR-10 as uint8: 150 MB). Each epoch draws one seeded permutation
-there; a batch is an index into it, then the task's `transform` (e.g. crop + flip + normalize for images) runs
-as a few batched tensor ops (airbench style). No DataLoader, no workers, no host->device copy per step.
+Device-resident: a whole split lives on the training device (CIFAR-10 as uint8: 150 MB). Each epoch draws one
+seeded permutation there; a batch is an index into it, then the task's `transform` (e.g. crop + flip + normalize
+for images) runs as a few batched tensor ops (airbench style). No DataLoader, no workers, no host->device copy per
+step.
 """
 from typing import Callable, Iterator, NamedTuple, Optional
 
@@ -10,10 +18,29 @@ import torch
 
 
 class Batch(NamedTuple):
-    """One mini-batch: inputs, int64 targets and (when asked for) the samples' indices into the split."""
+    """One mini-batch: inputs, int64 targets and (when asked for) the samples' indices into the split.
+
+    `global_size` is set by a source that reads only this rank's part of each global batch (runner/stream.py): the
+    batch is then already this rank's shard (`Cluster.shard` leaves it), and `global_size` is the global batch's."""
     x: torch.Tensor
     y: torch.Tensor
     index: Optional[torch.Tensor] = None
+    global_size: Optional[int] = None
+
+    @property
+    def size(self) -> int:
+        """The global batch's size (the samples every rank's parts hold together)."""
+        return self.global_size if self.global_size is not None else len(self.y)
+
+
+def batch_bounds(n: int, size: int, shuffle: bool) -> list[tuple[int, int]]:
+    """(start, end) of each batch of a split of n samples. A training split whose last batch would hold one sample
+    merges it into the batch before (BatchNorm cannot normalize a batch of one; every sample is still seen each
+    epoch)."""
+    starts = list(range(0, n, size))
+    if shuffle and size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
 
 
 class DeviceBatches:
@@ -35,15 +62,10 @@ class DeviceBatches:
         self.plain_transform = plain_transform if plain_transform is not None else transform
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
         self.transform, self.with_indices = transform, with_indices
+        self.order: Optional[torch.Tensor] = None  # the current epoch's permutation (shuffled splits)
 
     def _bounds(self) -> list[tuple[int, int]]:
-        """(start, end) of each batch. A training split whose last batch would hold one sample merges it into
-        the batch before (BatchNorm cannot normalize a batch of one; every sample is still seen each epoch)."""
-        n, size = len(self.y), self.batch_size
-        starts = list(range(0, n, size))
-        if self.shuffle and size > 1 and len(starts) > 1 and n - starts[-1] == 1:
-            starts.pop()
-        return [(start, starts[i + 1] if i + 1 < len(starts) else n) for i, start in enumerate(starts)]
+        return batch_bounds(len(self.y), self.batch_size, self.shuffle)
 
     def __len__(self) -> int:
         return len(self._bounds())
@@ -51,6 +73,18 @@ class DeviceBatches:
     @property
     def num_samples(self) -> int:
         return len(self.y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
+    def state_dict(self) -> dict:
+        """The current epoch's permutation: with the generator's state, what a checkpoint taken mid-epoch needs."""
+        return {"order": self.order.cpu()} if self.order is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state.get("order")
+        self.order = order.to(self.device) if order is not None else None
 
     def plain_inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's inputs and targets of samples `index`, without augmentation and without drawing from the
@@ -61,9 +95,20 @@ class DeviceBatches:
         return x, y
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+    def epoch(self, number: int, first: int = 0) -> Iterator[Batch]:
+        """The batches of an epoch from the `first`-th on. The permutation is drawn from the generator when an
+        epoch starts (`number` is not used: the generator's state carries the order from epoch to epoch); an epoch
+        resumed mid-way (`first` > 0) uses the one saved in the checkpoint (`state_dict`), and the generator,
+        restored to its state at the checkpoint, continues the augmentation draws where they stopped."""
         n, dev = len(self.y), self.y.device
-        order = torch.randperm(n, device=dev, generator=self.generator) if self.shuffle else None
-        for start, end in self._bounds():
+        if first == 0:
+            self.order = torch.randperm(n, device=dev, generator=self.generator) if self.shuffle else None
+        elif self.shuffle and self.order is None:
+            raise ValueError("an epoch resumed mid-way needs its permutation (load_state_dict from its checkpoint)")
+        order = self.order
+        for start, end in self._bounds()[first:]:
             if order is None:
                 x, y = self.x[start:end], self.y[start:end]
                 index = torch.arange(start, end, device=dev) if self.with_indices else None
@@ -74,3 +119,4 @@ class DeviceBatches:
             if self.transform is not None:
                 x = self.transform(x, self.generator)
             yield Batch(x, y, index)
+        self.order = None

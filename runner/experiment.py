@@ -61,6 +61,7 @@ class Experiment:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
                 "rng": rng_state(self.task.train.generator),
+                **_epoch_state(progress, self.task.train),
                 **({"rng_ranks": self.rank_rngs} if self.rank_rngs is not None else {}),
                 "progress": dataclasses.asdict(progress)}
 
@@ -89,8 +90,16 @@ class Experiment:
             ranks = state.get("rng_ranks")  # a many-device checkpoint: this rank's own states, if it has them
             own = ranks[self.cluster.rank] if ranks and len(ranks) == self.cluster.world else state["rng"]
             set_rng_state(own, self.task.train.generator)
+        self.task.train.load_state_dict(state.get("data", {}))
         fields = {f.name for f in dataclasses.fields(Progress)}
         return Progress(**{k: v for k, v in state["progress"].items() if k in fields})
+
+
+def _epoch_state(progress: Progress, batches) -> dict:
+    """A checkpoint taken mid-epoch (`trainer.checkpoint_every_steps`): the batch source's state of the epoch (the
+    device-resident permutation; nothing for a streamed source, whose order is a function of the epoch)."""
+    state = batches.state_dict() if progress.step != progress.epoch * len(batches) else {}
+    return {"data": state} if state else {}
 
 
 def _detail(error: Exception) -> str:
@@ -141,7 +150,7 @@ def build(spec: Spec, device: torch.device, cluster: Cluster = SINGLE) -> Experi
     loss_indices = bool(spec.loss.entry.capabilities.get("sample_indices", False))
     seed_everything(spec.seed, trainer.deterministic, device)
     task = spec.dataset.build(seed=spec.seed, device=device, channels_last=channels_last,
-                              with_indices=caps.sample_indices or loss_indices)
+                              with_indices=caps.sample_indices or loss_indices, cluster=cluster)
     model = spec.model.build(input=task.input, num_classes=task.num_classes).to(device)
     if trainer.dtype == "float64":  # weights, and float inputs as they enter the model (any task, any transform)
         model = model.to(torch.float64)

@@ -2,7 +2,8 @@
 steps and epochs; everything else happens at cadence points on that clock, through callbacks.
 
 What is fast and why:
-- data lives on the device (runner/data.py); a step is an index, a gather, the task's transform and the model;
+- data lives on the device (runner/data.py; or is streamed by worker processes, one batch ahead, runner/stream.py);
+  a step is an index, a gather, the task's transform and the model;
 - metrics accumulate in device tensors and are read only at cadence points: an `.item()` per step would make
   the host wait for the GPU every step. A full-batch task (one step per epoch) therefore sets
   `trainer.eval_every_steps`: records, evaluations and host syncs then happen every N steps, not every epoch;
@@ -16,9 +17,10 @@ ends (the epoch's training time: its steps only, without the evaluations, analys
 during it; for a full-batch task, one step's cost); it goes to metrics.jsonl and the dashboard. A task may add its
 own diagnostics (`task.callbacks`, factories `(cadence) -> Callback`), run with each evaluation. Without
 `eval_every_steps` there is a record at every epoch end and an evaluation every `eval_every` epochs (and at the
-end). Checkpoints are written at epoch ends only (so a resumed run restarts at an epoch boundary, exactly), and at
-the end: every `checkpoint_every` epochs, or, on the step clock, at the first epoch end after every
-`checkpoint_every` records.
+end). Checkpoints are written at epoch ends (every `checkpoint_every` epochs, or, on the step clock, at the first
+epoch end after every `checkpoint_every` records), every `checkpoint_every_steps` steps when set (mid-epoch too:
+long epochs of streamed data), and at the end. A run resumed from a mid-epoch checkpoint continues that epoch from
+its next batch, exactly (`task.train.epoch(n, first)`, runner/data.py).
 A non-finite training loss ends the run as `diverged` at the next record, keeping what was logged.
 Progress (runner/heartbeat.py): a bar over the steps on a terminal, else a start line and a heartbeat with the ETA
 after 30 s without a record (`trainer.progress`: true, a bar; false, the lines; null, by the terminal).
@@ -63,6 +65,7 @@ class TrainerConfig:
     deterministic: bool = False
     progress: Optional[bool] = None
     checkpoint_every: int = 1
+    checkpoint_every_steps: Optional[int] = None  # also every N steps, mid-epoch too
     save_best: bool = False
     resume: Optional[str] = None
     devices: int = 1                           # processes, one per device (runner/cluster.py); the global batch is
@@ -91,6 +94,8 @@ class TrainerConfig:
         if self.dtype == "float64":
             self.precision = "fp32"  # `auto` would autocast to bf16 on CUDA: float64 means no autocast anywhere
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0")
+        check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps",
+              self.checkpoint_every_steps, "null or >= 1")
         check(1 <= self.devices <= 1024, "devices", self.devices, "1..1024")
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -168,7 +173,7 @@ def evaluate(model: torch.nn.Module, batches, metrics, autocast, cluster: Cluste
     evaluates its part of every batch and the sums are added up over the ranks: the single-device numbers."""
     was_training = model.training
     model.eval()
-    sums = metrics.zeros(batches.y.device)
+    sums = metrics.zeros(batches.device)
     for batch in batches:
         batch = cluster.shard(batch)
         with autocast:
@@ -240,8 +245,9 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
             epoch = progress.epoch + 1
             epoch_start, paused = time.perf_counter(), 0.0  # paused: the records' time (evaluations, analyses, ...)
             work.describe(f"epoch {epoch}/{epochs_shown}")
-            for i, batch in enumerate(task.train):
-                global_size = len(batch.y)
+            first = progress.step - progress.epoch * steps_per_epoch  # > 0: resumed from a mid-epoch checkpoint
+            for i, batch in enumerate(task.train.epoch(epoch, first), first):
+                global_size = batch.size
                 batch = cluster.shard(batch)  # this rank's part of the global batch (all of it on one process)
                 closure = StepClosure(net, experiment.objective, batch.x, batch.y, autocast=autocast,
                                       frozen_bn=frozen_bn, params=params, zero_grad=zero_grad,
@@ -263,7 +269,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                 due = [cb for cb in callbacks if cb.cadence.due(progress.step, progress.epoch, epoch_end, final)]
                 records_since_checkpoint += due_train
                 if not (due_train or due):
-                    if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
+                    if _checkpoint_due(cfg, progress, records_since_checkpoint, epoch_end):
                         checkpoint()
                         records_since_checkpoint = 0
                     continue
@@ -299,7 +305,7 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
                     sink.best()
                 if final:
                     break
-                if epoch_end and _checkpoint_due(cfg, progress, records_since_checkpoint):
+                if _checkpoint_due(cfg, progress, records_since_checkpoint, epoch_end):
                     checkpoint()
                     records_since_checkpoint = 0
                 paused += time.perf_counter() - pause_start
@@ -307,10 +313,13 @@ def train(experiment, progress: Progress, sink: Sink, callbacks: Sequence[Callba
     return "completed"
 
 
-def _checkpoint_due(cfg: TrainerConfig, progress: Progress, records_since_checkpoint: int) -> bool:
-    """At an epoch end: every `checkpoint_every` epochs, or, on the step clock, once `checkpoint_every` records
-    have passed since the last checkpoint (a full-batch run checkpoints with its records, not every step)."""
-    if not cfg.checkpoint_every:
+def _checkpoint_due(cfg: TrainerConfig, progress: Progress, records_since_checkpoint: int, epoch_end: bool) -> bool:
+    """Every `checkpoint_every_steps` steps (mid-epoch too: the batch source resumes there), and at an epoch end:
+    every `checkpoint_every` epochs, or, on the step clock, once `checkpoint_every` records have passed since the
+    last checkpoint (a full-batch run checkpoints with its records, not every step)."""
+    if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0:
+        return True
+    if not epoch_end or not cfg.checkpoint_every:
         return False
     if cfg.eval_every_steps is not None:
         return records_since_checkpoint >= cfg.checkpoint_every

@@ -219,4 +219,4 @@ def _proportional_shares(counts, total: int, rng):
     return shares.astype(int)
 
 
-from tasks import image_classification, modular_arithmetic, tabular_classification  # noqa: E402,F401
+from tasks import image_classification, image_folder, modular_arithmetic, tabular_classification  # noqa: E402,F401

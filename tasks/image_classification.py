@@ -286,30 +286,39 @@ class ImageTransform:
         return x.contiguous(memory_format=self.memory_format)
 
 
+def training_splits(train: Split, test: Split, num_classes: int, seed: int, *, imbalance_ratio: Optional[float],
+                    subset: Optional[int], val_size: float, label_noise: float) -> tuple[Split, dict, dict]:
+    """A long-tailed copy / subset / validation split / label noise of the training split, in this order (all
+    seeded); returns (train, evaluation splits by name, summary entries). A streamed task passes splits whose `x`
+    are sample ids (tasks/image_folder.py): every step picks samples and labels only."""
+    evals, info = {}, {"label_noise_fraction": 0.0}
+    if imbalance_ratio is not None:
+        keep = long_tailed_indices(train.y, num_classes, imbalance_ratio, seed)
+        train = Split(train.x[keep], train.y[keep])
+    if subset is not None:
+        train = take_subset(train, subset, seed)
+    if val_size > 0:
+        train, evals["val"] = split_train_val(train, val_size if val_size < 1 else int(val_size), seed)
+    if imbalance_ratio is not None:
+        info["train_class_counts"] = torch.bincount(train.y, minlength=num_classes).tolist()
+    if label_noise > 0:
+        noisy, flipped = symmetric_label_noise(train.y, label_noise, num_classes, seed)
+        train, info["label_noise_fraction"] = Split(train.x, noisy), flipped.float().mean().item()
+    evals["test"] = test
+    return train, evals, info
+
+
 def build_image_task(name: str, *, seed: int, device: torch.device, channels_last: bool = False,
-                     with_indices: bool = False, root: str, download: bool, batch_size: int, eval_batch_size: int,
+                     with_indices: bool = False, cluster=None, root: str, download: bool, batch_size: int,
+                     eval_batch_size: int,
                      val_size: float, subset: Optional[int], label_noise: float, augment: Any,
                      synthetic_size: int = 50000, imbalance_ratio: Optional[float] = None,
                      cutout_size: Optional[int] = None) -> Task:
     """Load dataset `name`, take a long-tailed copy / subset / validation split / label noise of the training
     split (all seeded), move it to `device`."""
     raw = load_image_data(name, root, download, synthetic_size=synthetic_size, seed=seed)
-    train, evals = raw.train, {}
-    if imbalance_ratio is not None:
-        keep = long_tailed_indices(train.y, raw.num_classes, imbalance_ratio, seed)
-        train = Split(train.x[keep], train.y[keep])
-    if subset is not None:
-        train = take_subset(train, subset, seed)
-    if val_size > 0:
-        train, evals["val"] = split_train_val(train, val_size if val_size < 1 else int(val_size), seed)
-    info = {}
-    if imbalance_ratio is not None:
-        info["train_class_counts"] = torch.bincount(train.y, minlength=raw.num_classes).tolist()
-    noisy_fraction = 0.0
-    if label_noise > 0:
-        noisy, flipped = symmetric_label_noise(train.y, label_noise, raw.num_classes, seed)
-        train, noisy_fraction = Split(train.x, noisy), flipped.float().mean().item()
-    evals["test"] = raw.test
+    train, evals, info = training_splits(raw.train, raw.test, raw.num_classes, seed, imbalance_ratio=imbalance_ratio,
+                                         subset=subset, val_size=val_size, label_noise=label_noise)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     augmentations = Augment(resolve(augment), cutout_size)
@@ -326,7 +335,7 @@ def build_image_task(name: str, *, seed: int, device: torch.device, channels_las
                 evals={split_name: batches(split, eval_batch_size, train_split=False)
                        for split_name, split in evals.items()},
                 input=ImageInput(raw.in_channels, raw.image_size, tuple(raw.mean), tuple(raw.std)),
-                num_classes=raw.num_classes, info={"label_noise_fraction": noisy_fraction, **info},
+                num_classes=raw.num_classes, info=info,
                 metrics=ClassificationMetrics(raw.num_classes, per_class=imbalance_ratio is not None
                                               and raw.num_classes <= PER_CLASS_MAX))
 

@@ -66,6 +66,7 @@ def all_pairs(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_modular_task(*, seed: int, device: torch.device, channels_last: bool = False, with_indices: bool = False,
+                       cluster=None,
                        p: int, operation: str, train_fraction: float, batch_size: Optional[int],
                        eval_batch_size: int) -> Task:
     x, y = all_pairs(p, operation)

@@ -55,7 +55,7 @@ def load_tabular(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
 
 def build_tabular_task(name: str, *, seed: int, device: torch.device, channels_last: bool = False,
-                       with_indices: bool = False, batch_size: Optional[int], eval_batch_size: int,
+                       with_indices: bool = False, cluster=None, batch_size: Optional[int], eval_batch_size: int,
                        imbalance_ratio: Optional[float] = None) -> Task:
     x_train, y_train, x_test, y_test = load_tabular(name)
     num_classes, info = int(y_train.max()) + 1, {}

@@ -101,3 +101,54 @@ def write_fake_mnist(root, n_train: int = 10, n_test: int = 4, name: str = "MNIS
         _write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), x[:, 0])
         _write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), y)
     return fake
+
+
+def _write_jpeg(path: str, rng: np.random.Generator, label: int, size: tuple[int, int]) -> None:
+    """A JPEG whose colour says its class (a tinted noise image), so a tiny model can learn the folder."""
+    from PIL import Image
+
+    tint = np.array([(label * 97) % 256, (label * 57 + 80) % 256, (label * 151 + 160) % 256])
+    pixels = np.clip(tint + rng.normal(0, 40, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def write_image_folder(root, classes: int = 3, train_per_class: int = 8, val_per_class: int = 3,
+                       size: tuple[int, int] = (40, 36), seed: int = 0) -> list[str]:
+    """torchvision's ImageFolder layout: <root>/train/<class>/<i>.jpg and <root>/val/<class>/<i>.jpg (JPEGs of
+    `size`, width x height); returns the class names (sorted)."""
+    rng = np.random.default_rng(seed)
+    names = [f"class_{c}" for c in range(classes)]
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label, name in enumerate(names):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                _write_jpeg(os.path.join(root, split, name, f"{i}.jpg"), rng, label, size)
+    return names
+
+
+def write_tiny_imagenet(root, classes: int = 3, train_per_class: int = 6, val_per_class: int = 2,
+                        seed: int = 0) -> list[str]:
+    """Tiny-ImageNet as it ships: train/<wnid>/images/<wnid>_<i>.JPEG (+ <wnid>_boxes.txt), val/images/val_<i>.JPEG
+    with val/val_annotations.txt, wnids.txt; 64x64 JPEGs. Returns the wnids (sorted)."""
+    rng = np.random.default_rng(seed)
+    wnids = [f"n0{1440764 + 37 * c}" for c in range(classes)]
+    with open(os.path.join(_makedirs(root), "wnids.txt"), "w") as f:
+        f.write("".join(w + "\n" for w in wnids))
+    for label, wnid in enumerate(wnids):
+        folder = _makedirs(os.path.join(root, "train", wnid, "images"))
+        with open(os.path.join(root, "train", wnid, f"{wnid}_boxes.txt"), "w") as boxes:
+            for i in range(train_per_class):
+                _write_jpeg(os.path.join(folder, f"{wnid}_{i}.JPEG"), rng, label, (64, 64))
+                boxes.write(f"{wnid}_{i}.JPEG\t0\t0\t63\t63\n")
+    folder = _makedirs(os.path.join(root, "val", "images"))
+    with open(os.path.join(root, "val", "val_annotations.txt"), "w") as f:
+        for i in range(classes * val_per_class):
+            label = i % classes
+            _write_jpeg(os.path.join(folder, f"val_{i}.JPEG"), rng, label, (64, 64))
+            f.write(f"val_{i}.JPEG\t{wnids[label]}\t0\t0\t63\t63\n")
+    return wnids
+
+
+def _makedirs(path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    return path

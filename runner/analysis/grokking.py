@@ -47,7 +47,7 @@ class GrokkingMetrics(Callback):
         params = paramspace.trainable(model)
         n = split.num_samples
         chunk = split.batch_size  # a training batch fits in memory for forward+backward
-        device = split.y.device
+        device = split.device
         collapsed = torch.zeros((), device=device, dtype=torch.long)
         zero_loss = torch.zeros((), device=device, dtype=torch.long)
         grads = [torch.zeros_like(p) for p in params]

@@ -57,7 +57,7 @@ def evaluation_sets(task, samples: int | None, seed: int, batch_size: int,
             index = torch.randperm(n, generator=generator)[:samples].sort().values
         else:
             index = torch.arange(n)
-        x, y = batches.plain_inputs(index.to(batches.y.device))
+        x, y = batches.plain_inputs(index.to(batches.device))
         out[split] = EvalSet(x, y, batch_size)
     return out
 
