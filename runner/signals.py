@@ -96,7 +96,8 @@ def exit_now(code: int | str | None) -> None:
 
     Once torch._dynamo is imported (torch.optim's constructors import it), the interpreter spends about a second
     tearing down modules at exit, on every command, for nothing: the process's memory goes back to the system
-    anyway. This does what a normal exit does that matters (waits for non-daemon threads, runs the atexit
+    anyway. This does what a normal exit does that matters (stops concurrent.futures pools and waits for non-daemon
+    threads, as `threading._shutdown`, runs the atexit
     handlers, which flush and close logging's files and wandb's run, flushes stdout and stderr) and then
     `os._exit`. A string code is printed to stderr and exits 1, as `sys.exit` does.
     """
@@ -107,9 +108,10 @@ def exit_now(code: int | str | None) -> None:
         print(code, file=sys.stderr)
         code = 1
     code = 0 if code is None else int(code)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # what the interpreter's own exit does first: the callbacks of `threading._register_atexit` (concurrent.futures
+    # pools shut down there: torch.compile's pool of compile workers, started on a cold cache), then it joins the
+    # non-daemon threads. Joining without the callbacks first waited forever on that pool's thread.
+    threading._shutdown()
     ignore()  # the command is done: a late Ctrl-C does not turn its last lines into a traceback
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

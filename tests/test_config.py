@@ -27,10 +27,12 @@ from tasks import TASKS, ImageInput
 
 try:
     from tests.conftest import CONF_DIR, cli_env, python_m
-    from tests.fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
+    from tests.fake_data import (patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist,
+                                 write_image_folder, write_tiny_imagenet)
 except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys.path
     from conftest import CONF_DIR, cli_env, python_m
-    from fake_data import patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist
+    from fake_data import (patch_cifar_md5, write_fake_cifar10, write_fake_cifar100, write_fake_mnist,
+                           write_image_folder, write_tiny_imagenet)
 
 #: The groups a job consumes (the one table in runner/spec.py); other folders of conf/ (experiment, launcher,
 #: sweep, ...) only rearrange these or Hydra's own settings.
@@ -55,7 +57,9 @@ ALL_OPTIONS = [(g, o) for g in GROUPS if g != "experiment" for o in options(g)]
 
 # input shape (channels, size) and number of classes of each dataset
 SHAPES = {"digits": (1, 8, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10),
-          "cifar100": (3, 32, 100), "synthetic": (3, 32, 10)}
+          "cifar100": (3, 32, 100), "synthetic": (3, 32, 10),
+          # streamed folders: the 3 classes of the tiny folders the tests write (tests/fake_data.py)
+          "imagefolder": (3, 224, 3), "imagenet": (3, 224, 3), "tiny_imagenet": (3, 64, 3)}
 FEATURES = {"wine": (13, 3), "breast_cancer": (30, 2)}  # feature datasets: (dim, classes)
 TOKENS = {"modular_arithmetic": (2, 113)}  # token datasets: (length, classes)
 CIFAR_MODELS = ("resnet18", "wrn")  # checked at 3x32x32; the others at digits' 1x8x8
@@ -183,6 +187,12 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
         patch_cifar_md5(monkeypatch, cls, writer(tmp_path, n_train=12, n_test=4).md5)
     elif name in ("mnist", "fashion_mnist"):
         write_fake_mnist(tmp_path, n_train=12, n_test=4, name={"mnist": "MNIST"}.get(name, "FashionMNIST"))
+    elif name in ("imagefolder", "imagenet"):
+        write_image_folder(tmp_path, classes=3, train_per_class=2, val_per_class=1)
+        params["workers"] = 0
+    elif name == "tiny_imagenet":
+        write_tiny_imagenet(tmp_path, classes=3, train_per_class=2, val_per_class=1)
+        params["workers"] = 0
     task = TASKS.validate(params).build(seed=0, device=torch.device("cpu"))
     if name in FEATURES:
         shape, num_classes = (FEATURES[name][0],), FEATURES[name][1]
@@ -192,7 +202,7 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
         channels, size, num_classes = SHAPES[name]
         shape = (channels, size, size)
     assert (task.input.shape, task.num_classes) == (shape, num_classes)
-    x, y, _ = next(iter(task.train))
+    x, y, *_ = next(iter(task.train))
     assert x.shape[1:] == shape and y.dtype == torch.int64
     assert x.dtype == (torch.int64 if task.input.kind == "tokens" else torch.float32)
     assert set(task.evals) >= {"test"}
@@ -266,7 +276,7 @@ def test_every_experiment_composes_validates_and_builds(compose, name):
     else:  # feature and token tasks (grokking): the model on the task's own input
         task = spec.dataset.build(seed=0, device=torch.device("cpu"))
         model = spec.model.build(input=task.input, num_classes=task.num_classes)
-        x, y, _ = next(iter(task.evals["test"]))
+        x, y, *_ = next(iter(task.evals["test"]))
         assert model(x).shape == (len(y), task.num_classes)
     check_optimizer(cfg.optimizer)
     epochs = spec.trainer.epochs or 1  # a preset on the step clock (trainer.steps) has no epochs

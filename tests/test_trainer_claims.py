@@ -46,12 +46,12 @@ def ok(result: subprocess.CompletedProcess, what: str = "runner") -> None:
                              f"--- stderr\n{result.stderr[-3000:]}")
 
 
-def run_all(tmp_path: Path, jobs: dict[str, tuple]) -> dict[str, Path]:
+def run_all(tmp_path: Path, jobs: dict[str, tuple], env: dict | None = None) -> dict[str, Path]:
     """Run `python -m runner *args` for each job at once (import time overlaps); job name -> its run dir."""
     def one(item):
         name, args = item
         run_dir = tmp_path / name
-        return name, run_dir, runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=TIMEOUT)
+        return name, run_dir, runner_process(tmp_path, *args, f"hydra.run.dir={run_dir}", timeout=TIMEOUT, env=env)
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(one, jobs.items()))
@@ -237,7 +237,11 @@ def test_compile_on_cpu_completes_close_to_eager(tmp_path):
     if not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("torch.compile on the CPU needs a C compiler (no gcc/cc on PATH)")
     common = (*TINY, "trainer.epochs=2", "trainer.device=cpu")
-    dirs = run_all(tmp_path, {"eager": common, "compiled": (*common, "trainer.compile=true")})
+    # a cold compile cache, as on a fresh machine: inductor then starts a pool of compile workers, whose shutdown
+    # at exit once hung the command after it had completed (runner.signals.exit_now joined the pool's thread
+    # before shutting the pool down)
+    dirs = run_all(tmp_path, {"eager": common, "compiled": (*common, "trainer.compile=true")},
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor_cache")})
     (eager, _), (compiled, _) = completed(dirs["eager"], 2), completed(dirs["compiled"], 2)
     assert abs(compiled["final"]["test/acc"] - eager["final"]["test/acc"]) <= 0.05, (compiled["final"],
                                                                                      eager["final"])
