@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runner.data import Batch
+from runner.data import Batch, BatchPart
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,12 @@ class Cluster:
         return start, start + base + (self.rank < extra)
 
     def shard(self, batch: Batch) -> Batch:
-        """This rank's contiguous slice of a global batch (a streamed source's batch is one already: its
-        `global_size` is set, runner/stream.py)."""
-        if not self.distributed or batch.global_size is not None:
+        """This rank's contiguous slice of a global batch (a `BatchPart`, read by the rank as its part, is one
+        already: runner/stream.py)."""
+        if not self.distributed or isinstance(batch, BatchPart):
             return batch
         start, end = self.bounds(len(batch.y))
-        return Batch(batch.x[start:end], batch.y[start:end],
-                     None if batch.index is None else batch.index[start:end], len(batch.y))
+        return Batch(batch.x[start:end], batch.y[start:end], None if batch.index is None else batch.index[start:end])
 
     def weight(self, local: int, total: int) -> float:
         """The factor of this rank's batch-mean loss so that the mean over ranks is the global batch's mean."""

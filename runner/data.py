@@ -18,19 +18,29 @@ import torch
 
 
 class Batch(NamedTuple):
-    """One mini-batch: inputs, int64 targets and (when asked for) the samples' indices into the split.
-
-    `global_size` is set by a source that reads only this rank's part of each global batch (runner/stream.py): the
-    batch is then already this rank's shard (`Cluster.shard` leaves it), and `global_size` is the global batch's."""
+    """One mini-batch: inputs, int64 targets and (when asked for) the samples' indices into the split."""
     x: torch.Tensor
     y: torch.Tensor
     index: Optional[torch.Tensor] = None
-    global_size: Optional[int] = None
 
     @property
     def size(self) -> int:
-        """The global batch's size (the samples every rank's parts hold together)."""
-        return self.global_size if self.global_size is not None else len(self.y)
+        """The global batch's size (the samples every rank's parts of it hold together)."""
+        return len(self.y)
+
+
+class BatchPart(Batch):
+    """This rank's part of a global batch of `size` samples, read as such by a source that reads only its part
+    (runner/stream.py); `Cluster.shard` leaves it as it is."""
+
+    def __new__(cls, x: torch.Tensor, y: torch.Tensor, index: Optional[torch.Tensor], global_size: int):
+        part = super().__new__(cls, x, y, index)
+        part.global_size = global_size
+        return part
+
+    @property
+    def size(self) -> int:
+        return self.global_size
 
 
 def batch_bounds(n: int, size: int, shuffle: bool) -> list[tuple[int, int]]:

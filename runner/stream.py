@@ -13,8 +13,8 @@ device-resident batches (runner/data.py), so every optimizer, loss, callback and
   many devices each rank draws for the whole global batch and keeps its rows, so the draws are one process's).
   Memory is bounded: `workers` x 2 batches in flight, whatever the dataset's size. `workers=0` reads in the
   training process (slow; for tests and debugging).
-- **Many devices**: each rank reads only its part of every global batch (`Cluster.bounds` of it); its batches carry
-  `global_size`, so the loop's `Cluster.shard` leaves them as they are.
+- **Many devices**: each rank reads only its part of every global batch (`Cluster.bounds` of it); its batches are
+  `BatchPart`s (the global batch's size with them), which the loop's `Cluster.shard` leaves as they are.
 - **Bad data**: a file that cannot be read or decoded is not a worker traceback: the worker hands back the file's
   name and the reason, and the training process raises `DataError`, one line naming the file (the run is
   recorded `failed`). The layout is checked before any work by the task.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from runner.cluster import SINGLE, Cluster
-from runner.data import Batch, batch_bounds
+from runner.data import Batch, BatchPart, batch_bounds
 
 
 class DataError(RuntimeError):
@@ -184,8 +184,8 @@ class StreamedBatches:
             x = self.transform(full, self.generator)[lo:hi]
         else:
             x = self.transform(x, self.generator)
-        return Batch(x, self.targets[index], index if self.with_indices else None,
-                     global_size if self.cluster.distributed else None)
+        y, index = self.targets[index], index if self.with_indices else None
+        return BatchPart(x, y, index, global_size) if self.cluster.distributed else Batch(x, y, index)
 
     def plain_inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples at positions `index`, read here (not by the workers) without augmentation, and their targets."""

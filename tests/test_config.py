@@ -202,7 +202,7 @@ def check_dataset(node, tmp_path, monkeypatch) -> None:
         channels, size, num_classes = SHAPES[name]
         shape = (channels, size, size)
     assert (task.input.shape, task.num_classes) == (shape, num_classes)
-    x, y, *_ = next(iter(task.train))
+    x, y, _ = next(iter(task.train))
     assert x.shape[1:] == shape and y.dtype == torch.int64
     assert x.dtype == (torch.int64 if task.input.kind == "tokens" else torch.float32)
     assert set(task.evals) >= {"test"}
@@ -276,7 +276,7 @@ def test_every_experiment_composes_validates_and_builds(compose, name):
     else:  # feature and token tasks (grokking): the model on the task's own input
         task = spec.dataset.build(seed=0, device=torch.device("cpu"))
         model = spec.model.build(input=task.input, num_classes=task.num_classes)
-        x, y, *_ = next(iter(task.evals["test"]))
+        x, y, _ = next(iter(task.evals["test"]))
         assert model(x).shape == (len(y), task.num_classes)
     check_optimizer(cfg.optimizer)
     epochs = spec.trainer.epochs or 1  # a preset on the step clock (trainer.steps) has no epochs

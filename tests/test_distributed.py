@@ -123,6 +123,16 @@ def rank_main(rank: int, world: int, port: int, runs: dict, out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
+    # then the single-process oracles, shared out between the ranks (they run side by side, not after them)
+    from runner.cluster import SINGLE
+
+    oracles = {}
+    for case in sorted(c for c, run in runs.items() if "oracle" in run and "error" not in results[c])[rank::world]:
+        try:
+            oracles[case] = trained(runs[case]["oracle"], SINGLE)
+        except Exception as e:  # noqa: BLE001 - compared (and reported) by the test
+            oracles[case] = {"error": f"oracle: {type(e).__name__}: {e}"}
+    torch.save(oracles, f"{out}.oracles{rank}")
 
 
 def free_port() -> int:
@@ -132,16 +142,22 @@ def free_port() -> int:
 
 
 def two_ranks(runs: dict, tmp_path) -> dict:
+    """case -> what 2 processes trained; the cases with an "oracle" also get its single-process run ("oracle"),
+    made by the two processes once they are done, half each."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ranks.pt")
     mp.spawn(rank_main, args=(2, free_port(), runs, out), nprocs=2, join=True)
-    return torch.load(out, weights_only=False)
+    results = torch.load(out, weights_only=False)
+    for rank in range(2):
+        for case, oracle in torch.load(f"{out}.oracles{rank}", weights_only=False).items():
+            results[case]["oracle"] = oracle
+    return results
 
 
 def compare(case: str, got: dict, expected: dict, metrics: bool = True) -> list[str]:
-    if "error" in got:
-        return [f"{case}: {got['error']}"]
+    if "error" in got or "error" in expected:
+        return [f"{case}: {got.get('error') or expected['error']}"]
     bad = []
     for key, value in expected["weights"].items():
         if value.is_floating_point() and not torch.allclose(got["weights"][key], value, rtol=0, atol=1e-6):
@@ -165,7 +181,8 @@ def check(chosen: dict, got: dict) -> None:
             if not (error.startswith("ConfigError") and "perturbation_sync=local" in error and "\n" not in error):
                 bad.append(f"{case}: not refused in one line: {error or 'it ran'}")
             continue
-        bad += compare(case, got[case], trained(run["oracle"], SINGLE), metrics=not run["same_data"])
+        oracle = got[case].get("oracle") or trained(run["oracle"], SINGLE)
+        bad += compare(case, got[case], oracle, metrics=not run["same_data"])
     assert not bad, "\n".join(bad)
 
 
