@@ -106,10 +106,10 @@ class _EpochSampler:
 
     def __iter__(self):
         perm, seeds = self.order(self.number)
+        perm, seeds = perm.tolist(), [None] * len(perm) if seeds is None else seeds.tolist()
         for start, end in self.bounds[self.first:]:
             lo, hi = self.cluster.bounds(end - start)
-            positions = perm[start + lo:start + hi]
-            yield [(p, None if seeds is None else int(seeds[start + lo + k])) for k, p in enumerate(positions.tolist())]
+            yield list(zip(perm[start + lo:start + hi], seeds[start + lo:start + hi]))
 
     def __len__(self) -> int:
         return len(self.bounds) - self.first
