@@ -254,3 +254,97 @@ def test_two_processes_each_reading_its_part_of_every_batch_train_what_one_proce
         parts.append(list(sampler))
     assert [len(keys) for keys in parts[0]] == [len(keys) for keys in parts[1]] == [5, 5, 2]
     assert sorted(p for batch in parts[0] + parts[1] for p, _ in batch) == list(range(24))
+
+
+# ----------------------------------------------------------------------------------- against device-resident data
+
+def test_streamed_training_equals_the_same_images_held_on_the_device(folders):
+    """No augmentation, full batches (the order inside a batch does not change its mean gradient), float64: the
+    streamed run and a run on the same images decoded once and held on the device (DeviceBatches, the task's own
+    transforms) log the same metrics and end with the same weights."""
+    from runner.data import DeviceBatches
+    from runner.train import Progress, train
+
+    overrides = [*folder_run(folders["folder"], "trainer.epochs=3", "dataset.augment=false", "trainer.dtype=float64",
+                             batch_size=24, model=("model=mlp", "model.hidden=[32]"))]
+    streamed, streamed_sink = train_from(overrides)
+    resident = experiment_of(overrides)
+
+    def held(batches, shuffle: bool) -> DeviceBatches:
+        x = torch.stack([batches.reader.load(int(i), False) for i in batches.ids])  # the evaluation transform
+        return DeviceBatches(x, batches.targets, batches.batch_size, shuffle=shuffle,
+                             generator=batches.generator, transform=batches.transform,
+                             plain_transform=batches.plain_transform)
+
+    task = resident.task
+    task.train, task.evals = held(task.train, True), {k: held(v, False) for k, v in task.evals.items()}
+    sink = Collect()
+    assert train(resident, Progress(), sink) == "completed"
+    for got, expected in zip(sink.records, streamed_sink.records, strict=True):
+        for key, value in expected.items():
+            if not key.startswith("time/"):
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert all(torch.allclose(v, weights(streamed)[k], rtol=0, atol=1e-10) for k, v in weights(resident).items())
+
+
+# ------------------------------------------------------------------------------------------------- the presets
+
+@pytest.mark.parametrize("preset", ["resnet50_imagenet", "vit_s16_imagenet"])
+def test_the_imagenet_presets_take_their_first_steps_on_a_tiny_folder(folders, tmp_path, preset):
+    """The preset's settings (timm model, optimizer, schedule, mid-epoch checkpoints), scaled down: 32 px, batches
+    of 8, 2 steps."""
+    out = runner_process(tmp_path, *BASE, f"+experiment={preset}", f"dataset.root={folders['folder']}",
+                         "dataset.image_size=32", "dataset.batch_size=8", "dataset.workers=0", "trainer.steps=2",
+                         "trainer.checkpoint_every_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["classes"] == folders["classes"]
+    assert summary["experiment"] == preset and summary["steps"] == 2
+    config = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert config["model"]["arch"] == {"resnet50_imagenet": "resnet50",
+                                       "vit_s16_imagenet": "vit_small_patch16_224"}[preset]
+
+
+# ------------------------------------------------------------------------------------------ kill -9 mid-epoch
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_resumes_to_the_uninterrupted_run_and_leaves_no_worker(folders, tmp_path, spawn):
+    """12 steps an epoch (24 images in batches of 2), a checkpoint every 5 steps: the run is killed with SIGKILL
+    while its 2 workers read; they exit on their own (they watch their parent), and the same command resumes from
+    the checkpoint (mid-epoch as a rule: epochs end at multiples of 12) to the uninterrupted run's records and
+    weights."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    args = [*BASE, *folder_run(folders["folder"], "trainer.epochs=40", "dataset.workers=2",
+                               "trainer.checkpoint_every_steps=5", "trainer.checkpoint_every=0", batch_size=2)]
+    twin = runner_process(tmp_path, *args, f"hydra.run.dir={tmp_path / 'twin'}")
+    assert twin.returncode == 0, twin.stderr[-2000:]
+    victim_dir = tmp_path / "victim"
+    victim = spawn("victim", *args, f"hydra.run.dir={victim_dir}")
+    metrics = victim_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    assert victim.proc.poll() is None, "the run ended before it could be killed"
+    workers = subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.proc.wait()
+    assert workers, "the run had no worker processes"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived its killed run"
+    step = torch.load(victim_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"]
+    rerun = runner_process(tmp_path, *args, f"hydra.run.dir={victim_dir}")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
+                      for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert read(victim_dir) == read(tmp_path / "twin"), f"resumed from step {step}"
+    resumed = torch.load(victim_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    expected = torch.load(tmp_path / "twin" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.items()), f"resumed from step {step}"
