@@ -10,7 +10,9 @@
 #   4. scripts/bench_train.py --device cuda, SGD then SAM (runner vs a minimal loop vs the DataLoader pipeline);
 #   5. scripts/bench_analysis.py --device cuda (landscape grid, HVPs, Lanczos);
 #   6. scripts/bench_grokking.py --device cuda for a few thousand full-batch steps;
-#   7. with 2+ GPUs: trainer.devices=2 scaling (not there yet: one device per run until the distributed runner).
+#   7. scripts/bench_data.py: the streamed image folder against timm's loader and a DataLoader, training a timm
+#      ResNet-50 at 224 px, and device-resident batches of the same shape (is the loader the bottleneck?);
+#   8. with 2+ GPUs: trainer.devices=2 (nccl), the default run and SAM with both perturbation syncs.
 # A section "GPU check, <card>, <date>" with every step's output is appended to REPORT (step by step); the script exits non-zero
 # if any step failed (the section says which), and at once, with one line, where there is no CUDA device.
 #
@@ -33,9 +35,11 @@ if [ "$QUICK" = 1 ]; then
   TRAIN_ARGS="--quick --size 256 --batch-size 64 --rounds 1 --epochs 1 --workers 1"
   ANALYSIS_ARGS="--grid 3 --samples 64 --hvp-samples 64 --batch-size 64 --repeats 1 --naive-points 2 --lanczos-iterations 3"
   GROK_ARGS="--experiments grok_adamw --max-steps 10 --timing-steps 5 --rounds 1"; RUN_ARGS="trainer.epochs=1"; LIMIT=300
-else  # per-step limits: 30 + 6 x 90 s at most, inside the device tool's 10 minutes per command
+  DATA_ARGS="--images 120 --size 32 --batch 32 --workers 1 --epochs 1 --model resnet18"
+else  # per-step limits: 30 + 7 x 90 s at most, inside the device tool's 10 minutes per command
   TRAIN_ARGS="--rounds 2 --epochs 3"; ANALYSIS_ARGS="--model resnet18 --dataset synthetic"
   GROK_ARGS="--max-steps 3000"; RUN_ARGS="trainer.epochs=3"; LIMIT=90
+  DATA_ARGS="--images 2000 --size 224 --batch 128 --workers 8 --epochs 2 --model resnet50"
 fi
 
 WORK=$(mktemp -d)
@@ -83,6 +87,7 @@ step "bench_train SAM" "$LIMIT" "$PY" scripts/bench_train.py --device "$DEVICE" 
   --no-dataloader
 step "bench_analysis" "$LIMIT" "$PY" scripts/bench_analysis.py --device "$DEVICE" $ANALYSIS_ARGS
 step "bench_grokking" "$LIMIT" "$PY" scripts/bench_grokking.py --device "$DEVICE" $GROK_ARGS
+step "bench_data" "$LIMIT" "$PY" scripts/bench_data.py --device "$DEVICE" --root "$WORK/images" $DATA_ARGS
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$DEVICE" = cuda ] && [ "${gpus:-0}" -ge 2 ]; then  # nccl over 2 GPUs: the default run, then SAM, local and global
   step "trainer.devices=2 (nccl)" "$LIMIT" bash -c "$PY -m runner trainer.device=cuda trainer.devices=2 logger=none \

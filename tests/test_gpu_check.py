@@ -1,5 +1,5 @@
 """scripts/gpu_check.sh, the first thing run on a GPU machine: on the CPU it stops at once for lack of CUDA, and
-its steps (CLI run, CUDA tests, the three benchmarks) all run end to end at tiny sizes with GPU_CHECK_DEVICE=cpu."""
+its steps (CLI run, CUDA tests, the four benchmarks) all run end to end at tiny sizes with GPU_CHECK_DEVICE=cpu."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["the card", "default experiment through the CLI", "the tests that need CUDA", "bench_train SGD",
-         "bench_train SAM", "bench_analysis", "bench_grokking"]
+         "bench_train SAM", "bench_analysis", "bench_grokking", "bench_data"]
 
 
 def run_check(report: Path, **env) -> subprocess.CompletedProcess:
