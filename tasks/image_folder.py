@@ -73,13 +73,12 @@ class Layout:
 
 def _images(folder: str, what: str) -> list[str]:
     """The image files of a folder, sorted; a file that is not an image (by its extension) is a ConfigError."""
-    names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) or not name.lower().endswith(IMAGE_EXTENSIONS):
+    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:  # DirEntry.is_dir: from the directory listing, no stat per file (ImageNet: 1.28M files)
+        if entry.is_dir() or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             raise ConfigError("dataset.root", message=(
-                f"{path} is not an image file ({what} holds images only: {', '.join(IMAGE_EXTENSIONS)})"))
-    return [os.path.join(folder, name) for name in names]
+                f"{entry.path} is not an image file ({what} holds images only: {', '.join(IMAGE_EXTENSIONS)})"))
+    return [os.path.join(folder, entry.name) for entry in entries]
 
 
 def _folder(path: str, expected: str) -> str:
@@ -165,11 +164,16 @@ class FolderReader:
     doc for the recipes. (torchvision.io's decoders are deprecated since torchvision 0.29.)"""
 
     def __init__(self, files: tuple[str, ...], recipe: str, size: int, augment: tuple[str, ...]):
-        self.files, self.recipe, self.size, self.augment = files, recipe, size, augment
+        import numpy as np
+
+        # one numpy array of bytes, not a list of str: the forked workers read it without touching a refcount per
+        # path, so its pages stay shared (a Python list of ImageNet's 1.28M paths is copied into every worker)
+        self.files = np.array([os.fsencode(f) for f in files])  # any file name the OS gives (fsencode)
+        self.recipe, self.size, self.augment = recipe, size, augment
         self._transforms = None
 
     def name(self, i: int) -> str:
-        return self.files[i]
+        return os.fsdecode(self.files[i])
 
     def transforms(self):
         """(training, evaluation) transforms, built on first use (in each worker)."""
@@ -195,7 +199,7 @@ class FolderReader:
     def load(self, i: int, train: bool) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.files[i]) as image:
+        with Image.open(self.name(i)) as image:
             image = image.convert("RGB")  # decodes the whole file: a truncated one raises here
         return self.transforms()[0 if train else 1](image).contiguous()
 
