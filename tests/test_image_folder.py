@@ -339,7 +339,12 @@ def test_kill_9_mid_epoch_resumes_to_the_uninterrupted_run_and_leaves_no_worker(
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
         time.sleep(0.1)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in workers), "a worker outlived its killed run"
-    step = torch.load(victim_dir / "checkpoints" / "last.pt", weights_only=True)["progress"]["step"]
+    # the newest checkpoint, as the rerun finds it: last.pt, or prev.pt when the kill fell between the two moves of a
+    # checkpoint's rotation (a checkpoint every 5 steps: it happens)
+    from runner.experiment import latest_checkpoint
+    from runner.rundir import RunDir
+
+    step = latest_checkpoint(RunDir(victim_dir, create=False))["progress"]["step"]
     rerun = runner_process(tmp_path, *args, f"hydra.run.dir={victim_dir}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     read = lambda d: [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}  # noqa: E731
