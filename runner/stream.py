@@ -149,11 +149,13 @@ class StreamedBatches:
     def device(self) -> torch.device:
         return self._device
 
-    def state_dict(self) -> dict:  # the order is a function of (seed, epoch): nothing to save
+    def state_dict(self) -> dict:
+        """Nothing: the order of an epoch is a function of (seed, epoch), and the device generator is saved with the
+        checkpoint's RNG states."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Nothing to restore (see `state_dict`); `epoch(n, first)` starts a resumed epoch at its batch."""
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
